@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import scipy.sparse.linalg as spla
+import torch
+
+import kappa_gpu as kg
+
+
+def test_dense_operator_products(device):
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(7, 5, generator=g, dtype=torch.float64).to(device)
+    A = kg.aslinearoperator(M)
+    x = torch.randn(5, dtype=torch.float64, device=device)
+    y = torch.randn(7, dtype=torch.float64, device=device)
+    X = torch.randn(5, 3, dtype=torch.float64, device=device)
+    torch.testing.assert_close(A.matvec(x), M @ x)
+    torch.testing.assert_close(A.rmatvec(y), M.T @ y)
+    torch.testing.assert_close(A.matmat(X), M @ X)
+    torch.testing.assert_close(A.T.matvec(y), M.T @ y)
+    torch.testing.assert_close(A.to_dense(), M)
+    assert A.shape == (7, 5) and A.dtype == torch.float64 and A.device.type == device
+
+
+def test_callable_operator_default_matmat_and_dense():
+    M = torch.arange(12.0, dtype=torch.float64).reshape(4, 3)
+    A = kg.aslinearoperator(lambda v: M @ v, shape=(4, 3), rmatvec=lambda w: M.T @ w)
+    X = torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(A.matmat(X), M)
+    torch.testing.assert_close(A.to_dense(batch=2), M)
+    torch.testing.assert_close(A.rmatmat(torch.eye(4, dtype=torch.float64)), M.T)
+
+
+def test_to_scipy_matches_and_runs_arpack():
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((30, 30))
+    A = kg.aslinearoperator(torch.from_numpy(M)).to_scipy()
+    v = rng.standard_normal(30)
+    np.testing.assert_allclose(A @ v, M @ v)
+    np.testing.assert_allclose(A.rmatvec(v), M.T @ v)
+    np.testing.assert_allclose(A @ v[:, None], (M @ v)[:, None])
+    z = spla.eigs(A, k=3, which="LM", return_eigenvectors=False)
+    ref = np.linalg.eigvals(M)
+    top = ref[np.argsort(-abs(ref))[:3]]
+    np.testing.assert_allclose(sorted(abs(z)), sorted(abs(top)), rtol=1e-8)
+
+
+def test_bad_inputs_have_clear_messages():
+    A = kg.aslinearoperator(torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        A.matvec(torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        A.matvec(np.zeros(3))
+    C = kg.aslinearoperator(lambda v: v, shape=(3, 3))
+    with pytest.raises(ValueError, match="max_entries"):
+        C.to_dense(max_entries=5)
+    with pytest.raises(ValueError, match="shape="):
+        kg.aslinearoperator(lambda v: v)
+    with pytest.raises(ValueError, match="2-D"):
+        kg.aslinearoperator(torch.zeros(3))
+    B = kg.aslinearoperator(lambda v: v, shape=(3, 3))
+    with pytest.raises(NotImplementedError, match="adjoint"):
+        B.rmatvec(torch.zeros(3, dtype=torch.float64))
