@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# One thread: tiny test problems are 7-15x slower with spin-waiting threads on a loaded box.
+torch.set_num_threads(1)
 
 #: Tolerances built on machine epsilon: (rtol for eigenvalues / operator entries, eps).
 EPS = {torch.float64: torch.finfo(torch.float64).eps, torch.float32: torch.finfo(torch.float32).eps}

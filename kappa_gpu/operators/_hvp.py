@@ -1,0 +1,522 @@
+"""Hessian-vector products of a user's model, matrix-free, and the Hessian as an operator.
+
+The loss follows curvlinops/PyHessian: ``loss_fn(model(inputs), targets)`` for
+``batch = (inputs, targets)``, or the mean of it over a list of such batches.
+
+How a product ``H v`` is computed (the engine picks once and remembers):
+
+1. **forward-over-reverse** (default): ``torch.func.jvp`` of ``torch.func.grad`` of the loss
+   written with ``torch.func.functional_call``; several columns at once through
+   ``torch.func.vmap(..., randomness="same")``. Costs about one forward and one backward pass
+   with dual numbers per column.
+2. **reverse-over-reverse** (fallback, when forward-mode AD lacks an op the model or the loss
+   uses, e.g. ``F.huber_loss`` or ``F.mse_loss(reduction="mean")`` in torch 2.13, or a custom
+   ``autograd.Function`` without ``jvp``): the gradient with ``create_graph=True``, then one
+   more backward pass per column through that graph (``torch.autograd.grad``).
+
+If ``vmap`` fails on the model (data-dependent control flow, in-place ops on unbatched
+tensors), columns are applied one at a time. Each failure is detected once per operator, logged
+on the ``kappa_gpu`` logger, and remembered; :attr:`HessianOperator.hvp_mode` says which path is
+in use.
+
+Determinism and non-interference (what every product sees):
+
+- **Randomness**: every evaluation of the loss runs inside ``torch.random.fork_rng`` with the
+  CPU generator (and the CUDA generator of the parameters' device) seeded with the operator's
+  ``seed``; under ``vmap`` randomness is ``"same"``. Dropout therefore draws the same mask in
+  every product of one operator (and in the gradient computed at build time), and the global RNG
+  state is left as it was.
+- **Normalization layers** (``BatchNorm*``, ``InstanceNorm*`` with ``track_running_stats``) in
+  train mode use the batch statistics, as in the training step, but their running statistics are
+  not updated: they are passed as ``None`` to ``functional_call``. In eval mode they use the
+  running statistics, read only. Other buffers a forward pass mutates in place are detected at
+  build time and handed to each evaluation as fresh clones.
+- The model's parameters, ``.grad``, buffers and train/eval mode are never written. The
+  operator reads the parameters when applied; if they change (an optimizer step) or a module's
+  train/eval mode changes, applying the operator raises :class:`StaleOperatorError`: build a new
+  one at the new point.
+- Parameters are as the training step sees them; every parameter not differentiated (frozen,
+  or not in ``params``) is a constant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from kappa_gpu._linop import LinearOperator
+from kappa_gpu.operators._validate import (
+    BatchError,
+    NonFiniteError,
+    NoTrainableParametersError,
+    ParameterMismatchError,
+    StaleOperatorError,
+    UnsupportedConfigurationError,
+    describe,
+    normalize_batches,
+)
+
+__all__ = ["HessianOperator", "hessian_operator", "FORWARD_OVER_REVERSE", "REVERSE_OVER_REVERSE"]
+
+logger = logging.getLogger("kappa_gpu")
+
+FORWARD_OVER_REVERSE = "forward-over-reverse"
+REVERSE_OVER_REVERSE = "reverse-over-reverse"
+
+try:  # the base of BatchNorm* and InstanceNorm*: the modules with running statistics
+    from torch.nn.modules.batchnorm import _NormBase
+except ImportError:  # pragma: no cover - private name; fall back to the public classes
+    _NormBase = (torch.nn.modules.batchnorm._BatchNorm,)  # type: ignore[assignment]
+
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class _HVPEngine:
+    """Hessian-vector products of the loss with respect to ``params`` (flattened, in order).
+
+    Internal: shared by :class:`HessianOperator` and the update operators, so that all of them
+    count into one ``n_hvp``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        batch: Any,
+        params: Sequence[torch.Tensor],
+        *,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}"
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = normalize_batches(batch)
+        self.seed = int(seed)
+        params = list(params)
+        if not params:
+            raise NoTrainableParametersError(
+                "no trainable parameters to differentiate: every parameter has "
+                "requires_grad=False (or the list is empty); unfreeze some with "
+                "p.requires_grad_(True)"
+            )
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        names, seen = [], set()
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"parameter {i} is a {type(p).__name__}, not a tensor")
+            if id(p) not in name_of:
+                raise ParameterMismatchError(
+                    f"parameter {i} (shape {tuple(p.shape)}) is not a parameter of the model "
+                    f"({type(model).__name__}); build the optimizer on model.parameters() of "
+                    "this model (after any .to()/deepcopy) and pass that same model"
+                )
+            if id(p) in seen:
+                raise ParameterMismatchError(f"parameter {name_of[id(p)]!r} is given twice")
+            seen.add(id(p))
+            names.append(name_of[id(p)])
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise UnsupportedConfigurationError(
+                f"the parameters live on several devices ({sorted(map(str, devices))}); the "
+                "operators need them on one device: move the model with model.to(device)"
+            )
+        for p in params:
+            if not p.is_floating_point():
+                raise UnsupportedConfigurationError(
+                    f"parameter {name_of[id(p)]!r} has dtype {p.dtype}; only real floating "
+                    "point parameters are supported"
+                )
+        self.params = params
+        self.names = names
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.n = sum(self.numels)
+        self.device = params[0].device
+        if dtype is None:
+            dtype = params[0].dtype
+            for p in params[1:]:
+                dtype = torch.promote_types(dtype, p.dtype)
+        if not dtype.is_floating_point or dtype.is_complex:
+            raise ValueError(f"dtype must be a real floating point dtype, got {dtype}")
+        self.dtype = dtype
+        self._primals = tuple(p.detach() for p in params)
+
+        # Running statistics of normalization layers in train mode: passed as None, so the batch
+        # statistics are used (as in training) and nothing is written.
+        none_buffers: dict[str, None] = {}
+        for mname, mod in model.named_modules():
+            if isinstance(mod, _NormBase) and mod.training and mod.track_running_stats:
+                for b in _RUNNING_STATS:
+                    if getattr(mod, b, None) is not None:
+                        none_buffers[f"{mname}.{b}" if mname else b] = None
+        self._none_buffers = none_buffers
+        self._buffers = {
+            n: b for n, b in model.named_buffers() if n not in none_buffers and b is not None
+        }
+        self._mutable: set[str] = set()  # buffers a forward pass mutates: cloned per call
+        self._modes = [(m, m.training) for m in model.modules()]
+        self._versions = [p._version for p in params]
+
+        self.n_hvp = 0
+        self.mode: str | None = None  # FORWARD_OVER_REVERSE / REVERSE_OVER_REVERSE once known
+        self.fallback_reason: str | None = None
+        self._vmap_ok: bool | None = None
+        self.loss_value: float | None = None
+        self.unused: list[bool] = [False] * len(params)
+
+    # -- the loss ------------------------------------------------------------------------
+    def _loss(self, ptensors, *, buffers=None, wrap: bool = False) -> torch.Tensor:
+        tensors: dict[str, Any] = dict(self._none_buffers)
+        if buffers is not None:
+            tensors.update(buffers)
+        else:
+            for n in self._mutable:
+                tensors[n] = self._buffers[n].clone()
+        tensors.update(zip(self.names, ptensors, strict=True))
+        total = None
+        for i, (inputs, targets) in enumerate(self.batches):
+            if not wrap:
+                out = functional_call(self.model, tensors, (inputs,))
+                loss = self.loss_fn(out, targets)
+            else:
+                where = f"batch {i}" if len(self.batches) > 1 else "the batch"
+                try:
+                    out = functional_call(self.model, tensors, (inputs,))
+                except Exception as err:
+                    raise BatchError(
+                        f"the model ({type(self.model).__name__}) cannot take {where}: inputs "
+                        f"{describe(inputs)}, targets {describe(targets)}; it raised "
+                        f"{type(err).__name__}: {err}. Pass batch=(inputs, targets) with inputs "
+                        "that model(inputs) accepts, or a list of such pairs"
+                    ) from err
+                try:
+                    loss = self.loss_fn(out, targets)
+                except Exception as err:
+                    raise BatchError(
+                        f"loss_fn(model(inputs), targets) failed on {where}: model output "
+                        f"{describe(out)}, targets {describe(targets)}; it raised "
+                        f"{type(err).__name__}: {err}. The loss convention is "
+                        "loss_fn(model(inputs), targets) for batch=(inputs, targets)"
+                    ) from err
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise BatchError(
+                        f"loss_fn returned {describe(loss)} on {where}; it must return a scalar "
+                        "tensor (e.g. reduction='mean')"
+                    )
+                loss = loss.reshape(())
+            total = loss if total is None else total + loss
+        assert total is not None
+        return total / len(self.batches) if len(self.batches) > 1 else total
+
+    @contextlib.contextmanager
+    def _seeded(self) -> Iterator[None]:
+        """Fork the global RNG and seed it with the operator's seed (restored on exit)."""
+        dev = self.device
+        if dev.type == "cpu":
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(self.seed)
+                yield
+            return
+        mod = torch.get_device_module(dev.type)
+        idx = dev.index if dev.index is not None else mod.current_device()
+        with torch.random.fork_rng(devices=[idx], device_type=dev.type):
+            torch.default_generator.manual_seed(self.seed)
+            with mod.device(idx):
+                mod.manual_seed(self.seed)
+            yield
+
+    def check_fresh(self) -> None:
+        """Raise :class:`StaleOperatorError` if the parameters or a module's mode changed."""
+        for p, v, name in zip(self.params, self._versions, self.names, strict=True):
+            if p._version != v:
+                raise StaleOperatorError(
+                    f"parameter {name!r} changed since the operator was built (an optimizer "
+                    "step or an in-place edit); the operator describes the old point: build a "
+                    "new one"
+                )
+        for m, training in self._modes:
+            if m.training != training:
+                raise StaleOperatorError(
+                    f"a module ({type(m).__name__}) switched to "
+                    f"{'train' if m.training else 'eval'} mode since the operator was built; "
+                    "switch it back or build a new operator"
+                )
+
+    # -- gradient at build time (validates the batch and the point) ----------------------
+    def gradient(self) -> torch.Tensor:
+        """Loss and gradient at the current point, flattened in the engine's dtype.
+
+        Plain reverse mode (what ``loss.backward()`` does), with error messages that name the
+        batch. Also finds the buffers a forward pass mutates, and the parameters the loss does
+        not reach (``unused``: their autograd gradient is None, so ``optimizer.step()`` after
+        ``zero_grad()`` skips them).
+        """
+        leaves = [p.detach().requires_grad_(True) for p in self.params]
+        clones = {n: b.detach().clone() for n, b in self._buffers.items()}
+        v0 = {n: c._version for n, c in clones.items()}
+        with self._seeded(), torch.enable_grad():
+            loss = self._loss(leaves, buffers=clones, wrap=True)
+        self._mutable = {n for n, c in clones.items() if c._version != v0[n]}
+        if self._mutable:
+            logger.info("buffers mutated by the forward pass, cloned per call: %s", self._mutable)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteError(
+                f"the loss is {loss.item()} at the current point; the linearized update is "
+                "undefined there. Check the batch and the model (has training diverged?), or "
+                "analyse an earlier checkpoint"
+            )
+        self.loss_value = float(loss.item())
+        if not loss.requires_grad:
+            raise NoTrainableParametersError(
+                "the loss does not depend on any of the differentiated parameters; check that "
+                "the optimizer holds the parameters model(inputs) uses"
+            )
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        self.unused = [g is None for g in grads]
+        for g, name in zip(grads, self.names, strict=True):
+            if g is not None and not torch.isfinite(g).all():
+                raise NonFiniteError(
+                    f"the gradient of the loss is not finite in parameter {name!r} at the "
+                    "current point (loss = {:.6g}); the linearized update is undefined there. "
+                    "Check the model/loss for singular operations (sqrt/log at 0, division by "
+                    "0) or analyse an earlier checkpoint".format(self.loss_value)
+                )
+        zeros = [
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves, strict=True)
+        ]
+        return self.flatten(zeros)
+
+    # -- flatten / unflatten -------------------------------------------------------------
+    def unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(n,)`` -> per-parameter views (``(s, n)`` -> ``(s, *shape)``) in the params' dtypes."""
+        out, o = [], 0
+        lead = v.shape[:-1]
+        for p, k, shape in zip(self._primals, self.numels, self.shapes, strict=True):
+            out.append(v[..., o : o + k].reshape(*lead, *shape).to(p.dtype))
+            o += k
+        return tuple(out)
+
+    def flatten(self, ts: Sequence[torch.Tensor], batched: bool = False) -> torch.Tensor:
+        """Inverse of :meth:`unflatten`; the result is in the engine's dtype."""
+        if batched:
+            return torch.cat([t.reshape(t.shape[0], -1).to(self.dtype) for t in ts], dim=1)
+        return torch.cat([t.reshape(-1).to(self.dtype) for t in ts])
+
+    # -- products --------------------------------------------------------------------------
+    def hvp(self, V: torch.Tensor) -> torch.Tensor:
+        """``H @ V`` for ``V`` of shape ``(n,)`` or ``(n, s)``; costs one HVP per column."""
+        self.check_fresh()
+        s = 1 if V.ndim == 1 else V.shape[1]
+        if s == 0:
+            return torch.zeros_like(V)
+        if self.mode == REVERSE_OVER_REVERSE:
+            out = self._reverse(V)
+        else:
+            try:
+                out = self._forward(V)
+            except Exception as err:
+                if self.mode == FORWARD_OVER_REVERSE:
+                    raise  # it worked before: a genuine error, not a missing forward-mode rule
+                self.fallback_reason = f"{type(err).__name__}: {err}"
+                logger.info(
+                    "forward-over-reverse HVP failed (%s); using reverse-over-reverse",
+                    self.fallback_reason,
+                )
+                out = self._reverse(V)
+                self.mode = REVERSE_OVER_REVERSE
+            else:
+                self.mode = FORWARD_OVER_REVERSE
+        self.n_hvp += s
+        return out
+
+    def _hvp_tuple(self, tangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return jvp(grad(self._loss), (self._primals,), (tangents,))[1]
+
+    @staticmethod
+    def _load_jvp_decompositions() -> None:
+        # torch loads its forward-mode decompositions on first use through torch.jit.script,
+        # which warns (DeprecationWarning) in torch >= 2.10: load them quietly, once, so the
+        # warning neither reaches users nor, under -W error, fails the first forward-mode HVP.
+        load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+        if load is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                try:
+                    load()
+                except Exception:  # pragma: no cover - private torch API; harmless to skip
+                    pass
+
+    def _forward(self, V: torch.Tensor) -> torch.Tensor:
+        if self.mode is None:
+            self._load_jvp_decompositions()
+        if V.ndim == 1:
+            with self._seeded(), torch.enable_grad():
+                return self.flatten(self._hvp_tuple(self.unflatten(V)))
+        s = V.shape[1]
+        if s == 1 or self._vmap_ok is False:
+            return torch.stack([self._forward(V[:, j]) for j in range(s)], dim=1)
+        tangents = self.unflatten(V.T.contiguous())
+        try:
+            with self._seeded(), torch.enable_grad():
+                out = vmap(self._hvp_tuple, randomness="same")(tangents)
+        except Exception as err:
+            if self._vmap_ok:
+                raise
+            first = self._forward(V[:, 0])  # raises if forward mode itself is the problem
+            self._vmap_ok = False
+            logger.info(
+                "vmap over HVP columns failed (%s: %s); applying columns one by one",
+                type(err).__name__,
+                err,
+            )
+            rest = [self._forward(V[:, j]) for j in range(1, s)]
+            return torch.stack([first, *rest], dim=1)
+        self._vmap_ok = True
+        return self.flatten(out, batched=True).T.contiguous()
+
+    def _reverse(self, V: torch.Tensor) -> torch.Tensor:
+        cols = [V] if V.ndim == 1 else [V[:, j] for j in range(V.shape[1])]
+        leaves = [p.detach().requires_grad_(True) for p in self.params]
+        with self._seeded(), torch.enable_grad():
+            loss = self._loss(leaves)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        # gradient entries without a graph (linear in the params) have zero Hessian rows
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        outs = []
+        for j, col in enumerate(cols):
+            tang = self.unflatten(col)
+            hv: Sequence[torch.Tensor | None] = [None] * len(leaves)
+            if live:
+                hv = torch.autograd.grad(
+                    [grads[i] for i in live],
+                    leaves,
+                    grad_outputs=[tang[i] for i in live],
+                    retain_graph=j < len(cols) - 1,
+                    allow_unused=True,
+                )
+            outs.append(
+                self.flatten(
+                    [
+                        torch.zeros_like(p) if h is None else h
+                        for h, p in zip(hv, leaves, strict=True)
+                    ]
+                )
+            )
+        return outs[0] if V.ndim == 1 else torch.stack(outs, dim=1)
+
+
+class HessianOperator(LinearOperator):
+    """The symmetric ``n x n`` operator ``sign * H + diag(shift)`` of a model's loss.
+
+    ``H`` is the Hessian of the loss with respect to the differentiated parameters, flattened in
+    order (``.reshape(-1)`` each). :func:`hessian_operator` returns it with ``sign = 1`` and no
+    shift; the update operators' :class:`BlockStructure` holds ``Ht = (+-)H + diag(wd)``.
+
+    Costs one Hessian-vector product per column (``matvec``: 1, ``matmat`` with ``s`` columns:
+    ``s``, batched with ``vmap``); ``rmatvec`` is ``matvec`` (the operator is symmetric).
+    See the module docstring for the HVP modes, randomness and normalization layers.
+
+    Attributes:
+        n_hvp: HVP columns applied so far by every operator sharing this engine.
+        hvp_mode: ``"forward-over-reverse"``, ``"reverse-over-reverse"``, or None before the
+            first product.
+        params: the differentiated parameters, in order.
+        loss: the loss at the current point (float).
+        sign: +1, or -1 for ``maximize=True`` optimizers.
+        shift: None, a float, or an ``(n,)`` tensor added on the diagonal.
+    """
+
+    def __init__(
+        self, engine: _HVPEngine, sign: float = 1.0, shift: float | torch.Tensor | None = None
+    ):
+        super().__init__((engine.n, engine.n), engine.dtype, engine.device)
+        self._engine = engine
+        self.sign = float(sign)
+        if isinstance(shift, torch.Tensor):
+            shift = shift.to(device=engine.device, dtype=engine.dtype)
+        elif shift is not None and float(shift) == 0.0:
+            shift = None
+        self.shift = shift
+
+    @property
+    def n_hvp(self) -> int:
+        return self._engine.n_hvp
+
+    @property
+    def hvp_mode(self) -> str | None:
+        return self._engine.mode
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self._engine.params)
+
+    @property
+    def loss(self) -> float | None:
+        return self._engine.loss_value
+
+    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._engine.hvp(x)
+        if self.sign != 1.0:
+            h = h.mul_(self.sign)
+        if self.shift is not None:
+            shift = self.shift
+            if isinstance(shift, torch.Tensor) and x.ndim == 2:
+                shift = shift[:, None]
+            h = h.add_(shift * x)
+        return h
+
+    _rmatvec = _matvec
+    _matmat = _matvec
+    _rmatmat = _matvec
+
+
+def hessian_operator(
+    model: torch.nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    batch: Any,
+    *,
+    params: Sequence[torch.Tensor] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> HessianOperator:
+    """The Hessian of ``loss_fn(model(inputs), targets)`` as a symmetric ``n x n`` operator.
+
+    Args:
+        model: the model, in the train/eval mode the training step uses.
+        loss_fn: called as ``loss_fn(model(inputs), targets)``; must return a scalar.
+        batch: ``(inputs, targets)``, or a list of such pairs (the loss is then their mean).
+        params: the parameters to differentiate, in the order of the flattened vector (e.g. an
+            optimizer's). Default: ``[p for p in model.parameters() if p.requires_grad]``.
+        seed: seeds the RNG in every product (dropout sees one fixed mask).
+        dtype: dtype of the vectors (default: the parameters' dtype). Products are computed
+            in the parameters' dtype and cast.
+
+    Returns:
+        A :class:`HessianOperator`. Building it costs one gradient evaluation (it checks that
+        the batch fits the model and that loss and gradient are finite); each product costs one
+        HVP per column.
+
+    Raises:
+        NoTrainableParametersError, ParameterMismatchError, BatchError, NonFiniteError.
+
+    Example:
+        >>> H = hessian_operator(model, torch.nn.functional.cross_entropy, (x, y))  # doctest: +SKIP
+        >>> H.matvec(torch.randn(H.shape[1]))  # doctest: +SKIP
+    """
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    engine = _HVPEngine(model, loss_fn, batch, params, seed=seed, dtype=dtype)
+    engine.gradient()
+    return HessianOperator(engine)

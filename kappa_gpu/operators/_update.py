@@ -1,0 +1,657 @@
+"""The exact linearized update operators of torch.optim SGD, Adam and AdamW (DESIGN.md sec. 2).
+
+The state vector is the optimizer's own state, in torch's own coordinates: blocks in the order
+``theta`` then the state entries (``momentum_buffer``; ``exp_avg``; ``exp_avg_sq``), and inside
+a block the trainable parameters in the order of ``optimizer.param_groups[i]["params"]``
+(groups in order, ``requires_grad=False`` skipped), each flattened with ``.reshape(-1)``.
+
+With ``g`` the gradient of the loss on the batch at the current point and ``H`` its Hessian,
+``Ht = (+-)H + diag(wd_L2)`` (``-`` for ``maximize=True``; ``wd_L2`` is SGD's and Adam's L2
+weight decay, zero for decoupled AdamW decay) and one HVP per product:
+
+- SGD, momentum 0 (state theta)::
+
+      J = I - eta Ht
+
+- SGD heavy ball (state theta, b)::
+
+      J = [[ I - eta (1-d) Ht , -eta mu I ],
+           [ (1-d) Ht         ,  mu I     ]]
+
+- SGD nesterov::
+
+      J = [[ I - eta (1 + mu (1-d)) Ht , -eta mu^2 I ],
+           [ (1-d) Ht                  ,  mu I       ]]
+
+- Adam/AdamW, ``variant="frozen"`` (preconditioner D = eta / (bc1 denom) held fixed; state
+  theta, m)::
+
+      J = [[ c I - (1-b1) D Ht , -b1 D ],
+           [ (1-b1) Ht         ,  b1 I ]]
+
+- Adam/AdamW, ``variant="full"`` (exact Jacobian of the real step; state theta, m, v)::
+
+      dm'     = b1 dm + (1-b1) Ht dtheta
+      dv'     = b2 dv + 2 (1-b2) gt * (Ht dtheta)
+      dtheta' = c dtheta - D dm' + q dv',
+      q       = (eta/bc1) m' / (denom^2 * 2 sqrt(v') sqrt(bc2))   (0 where v' = 0)
+
+Per-group hyper-parameters make eta, mu, b1, ... diagonal. A parameter the loss does not reach
+(its autograd gradient is None) is skipped by ``optimizer.step()`` after ``zero_grad()``: its
+rows of J are the identity, and it is marked inactive in :class:`BlockStructure`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kappa_gpu._linop import LinearOperator
+from kappa_gpu.operators._hvp import HessianOperator, _HVPEngine
+from kappa_gpu.operators._validate import (
+    MissingOptimizerStateError,
+    NoTrainableParametersError,
+    UnsupportedConfigurationError,
+    check_optimizer_type,
+    scalar,
+)
+
+__all__ = ["UpdateOperator", "BlockStructure", "update_operator"]
+
+Coef = float | torch.Tensor
+
+
+@dataclass
+class BlockStructure:
+    """The structure of an update operator that the fast (structured) solvers use.
+
+    DESIGN.md section 3: an eigenpair ``(s, w)`` of the symmetric ``D^(1/2) Ht D^(1/2)`` gives
+    ``u = D^(1/2) w`` with ``D Ht u = s u`` and, for ``order == 2``, the invariant subspace
+    ``span{(u, 0), (0, D^-1 u)}`` of ``J`` on which ``J`` acts as
+    ``M(s) = [[c - a s, -b], [a2 s, beta]]``; for ``order == 1`` the eigenvalue
+    ``z = c - a s`` with eigenvector ``u``. This is exact when ``uniform`` is True.
+
+    All per-entry fields are ``(n,)`` tensors in the operator's dtype; constant ones may be
+    expanded views (``stride 0``): read them, do not write into them.
+
+    Attributes:
+        hessian: ``Ht = (+-)H + diag(wd_L2)``, symmetric ``n x n``; counts into the update
+            operator's ``n_hvp`` (one HVP per column).
+        D: the diagonal preconditioner: ``eta`` for SGD, ``eta / (bc1 denom)`` for Adam
+            (0 on inactive entries).
+        a, a2, b, beta, c: the coefficients of ``M(s)``.
+        order: 2 for momentum SGD and Adam (frozen), 1 for SGD without momentum.
+        uniform: True when ``a, a2, b, beta, c`` are each constant over the active entries.
+        active: None when every entry is active; else a bool ``(n,)`` mask, False on
+            parameters the loss does not reach (torch skips them; J is the identity there and
+            decoupled from the rest, with eigenvalue 1).
+    """
+
+    hessian: HessianOperator
+    D: torch.Tensor
+    a: torch.Tensor
+    a2: torch.Tensor
+    b: torch.Tensor
+    beta: torch.Tensor
+    c: torch.Tensor
+    order: int
+    uniform: bool
+    active: torch.Tensor | None = None
+
+
+def _factor(coefs: tuple[Coef, ...], X: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """Split a product of coefficients into a float and an (n,) tensor shaped to scale ``X``."""
+    val, tens = 1.0, None
+    for c in coefs:
+        if isinstance(c, torch.Tensor):
+            tens = c if tens is None else tens * c
+        else:
+            val *= c
+    if tens is not None and X.ndim == 2:
+        tens = tens[:, None]
+    return val, tens
+
+
+def _set(out: torch.Tensor, X: torch.Tensor, *coefs: Coef) -> torch.Tensor:
+    """``out = prod(coefs) * X`` (diagonal coefficients), written in place."""
+    val, tens = _factor(coefs, X)
+    if tens is None:
+        return torch.mul(X, val, out=out)
+    torch.mul(X, tens, out=out)
+    return out if val == 1.0 else out.mul_(val)
+
+
+def _acc(out: torch.Tensor, X: torch.Tensor, *coefs: Coef) -> torch.Tensor:
+    """``out += prod(coefs) * X`` in place: one fused pass (``add_``/``addcmul_``), no temporary
+    for float coefficients or a single tensor one."""
+    val, tens = _factor(coefs, X)
+    if tens is None:
+        return out.add_(X, alpha=val) if val != 0.0 else out
+    return out.addcmul_(tens, X, value=val)
+
+
+class UpdateOperator(LinearOperator):
+    """The Jacobian ``J`` of one ``optimizer.step()`` with respect to the optimizer state.
+
+    Built by :func:`update_operator`; see the ``kappa_gpu.operators._update`` module docstring
+    for the formulas. ``matvec`` and ``rmatvec`` (the exact adjoint, from the same symmetric
+    Hessian) each cost one HVP; ``matmat``/``rmatmat`` with ``s`` columns cost ``s`` HVP
+    columns, batched with ``vmap``. Everything else is a few elementwise vector operations.
+
+    Attributes:
+        n_params: ``n``, the number of trainable scalars; the operator is ``(k n) x (k n)``
+            with ``k = len(blocks)``.
+        blocks: names of the state blocks, e.g. ``("theta", "momentum_buffer")``.
+        kind: ``"sgd"``, ``"adam"`` or ``"adamw"`` (decoupled weight decay).
+        variant: ``"frozen"`` or ``"full"`` for Adam(W), None for SGD.
+        n_hvp: HVP columns applied so far (shared with ``structure().hessian``).
+        hvp_mode: which HVP path is in use (see :mod:`kappa_gpu.operators._hvp`).
+        params: the trainable parameters, in state order.
+        loss: the loss at the current point.
+        seed: the RNG seed every product uses.
+    """
+
+    def __init__(
+        self,
+        engine: _HVPEngine,
+        optimizer: torch.optim.Optimizer,
+        *,
+        kind: str,
+        variant: str | None,
+        blocks: tuple[str, ...],
+        hessian: HessianOperator,
+        coefs: dict[str, Coef],
+        order: int,
+        uniform: bool,
+        active: torch.Tensor | None,
+    ):
+        n = engine.n
+        super().__init__((len(blocks) * n, len(blocks) * n), engine.dtype, engine.device)
+        self._engine = engine
+        self._optimizer = optimizer
+        self.n_params = n
+        self.blocks = blocks
+        self.kind = kind
+        self.variant = variant
+        self.seed = engine.seed
+        self._ht = hessian
+        self._coefs = coefs
+        self._order = order
+        self._uniform = uniform
+        self._active = active
+
+    # -- attributes ------------------------------------------------------------------------
+    @property
+    def n_hvp(self) -> int:
+        return self._engine.n_hvp
+
+    @property
+    def hvp_mode(self) -> str | None:
+        return self._engine.mode
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self._engine.params)
+
+    @property
+    def loss(self) -> float | None:
+        return self._engine.loss_value
+
+    def __repr__(self) -> str:
+        m = self.shape[0]
+        v = f" variant={self.variant}" if self.variant else ""
+        return (
+            f"<{m}x{m} UpdateOperator kind={self.kind}{v} blocks={self.blocks} "
+            f"n_params={self.n_params} dtype={self.dtype} device={self.device}>"
+        )
+
+    # -- state -----------------------------------------------------------------------------
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Split a state vector ``(k n,)`` (or ``(k n, s)``) into its ``k`` blocks (views)."""
+        n = self.n_params
+        if x.shape[0] != len(self.blocks) * n:
+            raise ValueError(
+                f"split expects a vector of length {len(self.blocks) * n} "
+                f"({len(self.blocks)} blocks of n={n}), got shape {tuple(x.shape)}"
+            )
+        return [x[i * n : (i + 1) * n] for i in range(len(self.blocks))]
+
+    def state_vector(self) -> torch.Tensor:
+        """The current optimizer state flattened in the operator's order and dtype.
+
+        Momentum-free groups of an SGD optimizer whose other groups use momentum have no
+        buffer: their entries are 0 (and their rows of J in that block are 0).
+        """
+        self._engine.check_fresh()
+        parts = []
+        for name in self.blocks:
+            for p in self._engine.params:
+                if name == "theta":
+                    t = p.detach()
+                else:
+                    t = self._optimizer.state.get(p, {}).get(name)
+                    if t is None:
+                        t = torch.zeros_like(p)
+                parts.append(t.reshape(-1).to(device=self.device, dtype=self.dtype))
+        return torch.cat(parts)
+
+    def structure(self) -> BlockStructure | None:
+        """The :class:`BlockStructure` (DESIGN.md section 3), or None for Adam's full variant."""
+        if self._order == 0:
+            return None
+        n, k = self.n_params, self._coefs
+
+        def vec(c: Coef) -> torch.Tensor:
+            if isinstance(c, torch.Tensor):
+                return c
+            return torch.tensor(c, dtype=self.dtype, device=self.device).expand(n)
+
+        if self._order == 1:
+            zero = vec(0.0)
+            return BlockStructure(
+                hessian=self._ht,
+                D=vec(k["D"]),
+                a=vec(k["a"]),
+                a2=zero,
+                b=zero,
+                beta=zero,
+                c=vec(k["c"]),
+                order=1,
+                uniform=self._uniform,
+                active=self._active,
+            )
+        return BlockStructure(
+            hessian=self._ht,
+            D=vec(k["D"]),
+            a=vec(k["a"]),
+            a2=vec(k["a2"]),
+            b=vec(k["b"]),
+            beta=vec(k["beta"]),
+            c=vec(k["c"]),
+            order=2,
+            uniform=self._uniform,
+            active=self._active,
+        )
+
+    # -- products ----------------------------------------------------------------------------
+    # Written into one preallocated output with fused in-place updates: at n ~ 1e6 the
+    # temporaries and the final torch.cat of a naive version cost ~15% of an HVP.
+    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        k, ht = self._coefs, self._ht._matvec
+        out = torch.empty_like(x)
+        if self._order == 1:  # c x - D a Ht x
+            y = ht(x)
+            _set(out, x, k["c"])
+            return _acc(out, y, k["D"], k["a"], -1.0)
+        if self._order == 2:
+            x1, x2 = self.split(x)
+            o1, o2 = self.split(out)
+            y = ht(x1)
+            _set(o1, x1, k["c"])  # c x1 - D (a y + b x2)
+            _acc(o1, y, k["D"], k["a"], -1.0)
+            _acc(o1, x2, k["D"], k["b"], -1.0)
+            _set(o2, x2, k["beta"])  # a2 y + beta x2
+            _acc(o2, y, k["a2"])
+            return out
+        x1, x2, x3 = self.split(x)  # Adam full
+        o1, dm, dv = self.split(out)
+        y = ht(x1)
+        _set(dm, x2, k["b1"])  # dm' = b1 dm + (1-b1) Ht dtheta
+        _acc(dm, y, k["a"])
+        _set(dv, x3, k["b2"])  # dv' = b2 dv + r Ht dtheta
+        _acc(dv, y, k["r"])
+        _set(o1, x1, k["c"])  # dtheta' = c dtheta - D dm' + q dv'
+        _acc(o1, dm, k["D"], -1.0)
+        _acc(o1, dv, k["q"])
+        return out
+
+    def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        k, ht = self._coefs, self._ht._matvec
+        out = torch.empty_like(y)
+        if self._order == 1:  # c y - Ht (D a y)
+            w = _set(torch.empty_like(y), y, k["D"], k["a"])
+            _set(out, y, k["c"])
+            return out.sub_(ht(w))
+        if self._order == 2:
+            y1, y2 = self.split(y)
+            o1, o2 = self.split(out)
+            w = _set(torch.empty_like(y1), y2, k["a2"])  # Ht (a2 y2 - a D y1)
+            _acc(w, y1, k["D"], k["a"], -1.0)
+            h = ht(w)
+            _set(o1, y1, k["c"])
+            o1.add_(h)
+            _set(o2, y2, k["beta"])  # beta y2 - b D y1
+            _acc(o2, y1, k["D"], k["b"], -1.0)
+            return out
+        y1, y2, y3 = self.split(y)  # Adam full
+        o1, o2, o3 = self.split(out)
+        u2 = _acc(y2.clone(), y1, k["D"], -1.0)  # y2 - D y1
+        u3 = _acc(y3.clone(), y1, k["q"])  # y3 + q y1
+        w = _set(torch.empty_like(y1), u2, k["a"])
+        h = ht(_acc(w, u3, k["r"]))  # Ht (a u2 + r u3)
+        _set(o1, y1, k["c"])
+        o1.add_(h)
+        _set(o2, u2, k["b1"])
+        _set(o3, u3, k["b2"])
+        return out
+
+    _matmat = _matvec
+    _rmatmat = _rmatvec
+
+
+# -- building -------------------------------------------------------------------------------
+class _PerEntry:
+    """Collects per-parameter coefficients and expands them to ``(n,)`` (or a float if uniform)."""
+
+    def __init__(self, numels: Sequence[int], dtype: torch.dtype, device: torch.device):
+        self.numels, self.dtype, self.device = list(numels), dtype, device
+
+    def expand(self, values: Sequence[float]) -> Coef:
+        if all(v == values[0] for v in values):
+            return float(values[0])
+        vals = torch.tensor(list(values), dtype=self.dtype, device=self.device)
+        counts = torch.tensor(self.numels, device=self.device)
+        return torch.repeat_interleave(vals, counts, output_size=sum(self.numels))
+
+
+def _uniform(per_param: dict[str, list[float]], active: list[bool]) -> bool:
+    for values in per_param.values():
+        vals = [v for v, a in zip(values, active, strict=True) if a]
+        if any(v != vals[0] for v in vals):
+            return False
+    return True
+
+
+def update_operator(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    batch: Any,
+    variant: str | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> UpdateOperator:
+    """The exact linearized update ``J`` of ``optimizer.step()`` at the current point.
+
+    ``J`` is the Jacobian of the map (state -> state after one step on ``batch``) of the
+    optimizer's own update rule (DESIGN.md section 2; formulas in the module docstring), in the
+    optimizer's native coordinates. The gradient the step uses is that of
+    ``loss_fn(model(inputs), targets)`` (mean over a list of batches).
+
+    Args:
+        model: the model the optimizer trains, in the train/eval mode of the training step.
+        optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` that has taken at least one
+            step (its state is part of the operator's state). SGD without momentum needs none.
+        loss_fn: called as ``loss_fn(model(inputs), targets)``; returns a scalar.
+        batch: ``(inputs, targets)`` or a list of such pairs.
+        variant: Adam/AdamW only: ``"frozen"`` (default; preconditioner held fixed, state
+            ``(theta, exp_avg)``) or ``"full"`` (exact, state ``(theta, exp_avg, exp_avg_sq)``).
+        seed: every product runs with the RNG seeded with it (fixed dropout masks).
+        dtype: dtype of the vectors (default: the parameters' dtype).
+
+    Returns:
+        An :class:`UpdateOperator`. Building it costs one gradient evaluation; each matvec and
+        rmatvec costs one HVP, a matmat with ``s`` columns ``s`` HVP columns.
+
+    Notes:
+        What every product sees (details in :mod:`kappa_gpu.operators._hvp`):
+
+        - randomness: the RNG is forked and seeded with ``seed`` at every evaluation of the
+          loss (``vmap`` with ``randomness="same"``), so dropout draws one fixed mask for the
+          whole operator; the global RNG state is untouched;
+        - BatchNorm/InstanceNorm in train mode use the batch statistics (as the step does)
+          and never update their running statistics; in eval mode they read them;
+        - the model (parameters, ``.grad``, buffers, modes) and the optimizer state are never
+          written; after an optimizer step or a train/eval switch the operator raises
+          :class:`StaleOperatorError`;
+        - a parameter the loss does not reach (autograd gradient None) is skipped by
+          ``optimizer.step()`` after ``zero_grad()``, so its rows of J are the identity (0 for
+          state it never had); ``structure().active`` marks it;
+        - Adam's full variant: where ``v'`` is tiny (e.g. a bias feeding a BatchNorm, whose
+          gradient is ~1e-17), ``q ~ m' / (denom^2 sqrt(v'))`` is huge but exact: the real step
+          is that sensitive there.
+
+    Raises:
+        UnsupportedOptimizerError: not SGD/Adam/AdamW.
+        UnsupportedConfigurationError: amsgrad, mixed ``maximize`` across groups, a bad
+            ``variant``, parameters on several devices.
+        MissingOptimizerStateError: no momentum buffer / moments yet: take one step first.
+        ParameterMismatchError: the optimizer's parameters are not the model's.
+        NoTrainableParametersError: nothing with ``requires_grad=True``.
+        BatchError: ``loss_fn(model(inputs), targets)`` fails on the batch.
+        NonFiniteError: the loss or the gradient is not finite at the current point.
+
+    Example:
+        >>> loss_fn = torch.nn.functional.cross_entropy
+        >>> J = update_operator(model, opt, loss_fn, (x, y))  # doctest: +SKIP
+        >>> J.matvec(J.state_vector())  # doctest: +SKIP
+    """
+    kind = check_optimizer_type(optimizer)
+    entries = [
+        (p, group) for group in optimizer.param_groups for p in group["params"] if p.requires_grad
+    ]
+    if not entries:
+        raise NoTrainableParametersError(
+            "the optimizer holds no parameter with requires_grad=True; build it on the "
+            "trainable parameters, e.g. torch.optim.SGD([p for p in model.parameters() "
+            "if p.requires_grad], ...)"
+        )
+    if kind == "sgd" and variant is not None:
+        raise UnsupportedConfigurationError(
+            f"variant={variant!r} applies to Adam/AdamW only; pass variant=None for SGD"
+        )
+    if kind == "adam":
+        variant = "frozen" if variant is None else variant
+        if variant not in ("frozen", "full"):
+            raise UnsupportedConfigurationError(
+                f"variant must be 'frozen' or 'full' for Adam/AdamW, got {variant!r}"
+            )
+        for group in optimizer.param_groups:
+            if group.get("amsgrad", False):
+                raise UnsupportedConfigurationError(
+                    "amsgrad=True is not supported: its max(v_max, v) update is piecewise, "
+                    "with no Jacobian where the max switches; use amsgrad=False"
+                )
+    maximizes = {bool(g.get("maximize", False)) for _, g in entries}
+    if len(maximizes) > 1:
+        raise UnsupportedConfigurationError(
+            "param groups disagree on maximize; the operator needs one sign of the Hessian "
+            "(Ht would not be symmetric): use the same maximize in every group"
+        )
+    sign = -1.0 if maximizes.pop() else 1.0
+
+    params = [p for p, _ in entries]
+    groups = [g for _, g in entries]
+    key = "momentum_buffer" if kind == "sgd" else "exp_avg"
+    needs_state = kind == "adam" or any(scalar(g["momentum"]) != 0.0 for g in groups)
+    # cheap check first: a fresh optimizer fails before any gradient is computed
+    if needs_state and not any(optimizer.state.get(p, {}).get(key) is not None for p in params):
+        _missing_state(optimizer, kind, params[0], groups[0])
+
+    engine = _HVPEngine(model, loss_fn, batch, params, seed=seed, dtype=dtype)
+    g = engine.gradient()
+    # a parameter the loss does not reach gets grad None: optimizer.step() skips it
+    active_list = [not u for u in engine.unused]
+    has_state = [optimizer.state.get(p, {}).get(key) is not None for p in params]
+    if needs_state:
+        for p, group, act, has in zip(params, groups, active_list, has_state, strict=True):
+            if act and not has and (kind == "adam" or scalar(group["momentum"]) != 0.0):
+                _missing_state(optimizer, kind, p, group)
+    pe = _PerEntry(engine.numels, engine.dtype, engine.device)
+    active = None
+    if not all(active_list):
+        active = torch.repeat_interleave(
+            torch.tensor(active_list, device=engine.device),
+            torch.tensor(engine.numels, device=engine.device),
+        )
+
+    if kind == "sgd":
+        return _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign)
+    return _adam(engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant)
+
+
+def _missing_state(optimizer, kind: str, p: torch.Tensor, group: dict):
+    if kind == "sgd":
+        raise MissingOptimizerStateError(
+            f"SGD(momentum={scalar(group['momentum'])}) has no momentum_buffer for a parameter "
+            f"of shape {tuple(p.shape)} yet: take one optimizer step first (loss.backward(); "
+            "optimizer.step()). The first step sets buffer = gradient, without dampening: a "
+            "different map"
+        )
+    raise MissingOptimizerStateError(
+        f"{type(optimizer).__name__} has no state (exp_avg, exp_avg_sq, step) for a parameter "
+        f"of shape {tuple(p.shape)} yet: take one optimizer step first (loss.backward(); "
+        "optimizer.step())"
+    )
+
+
+def _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign) -> UpdateOperator:
+    lr = [scalar(g["lr"]) for g in groups]
+    mu = [scalar(g["momentum"]) for g in groups]
+    d = [scalar(g["dampening"]) for g in groups]
+    wd = [scalar(g["weight_decay"]) for g in groups]
+    nesterov = [bool(g["nesterov"]) for g in groups]
+    D = [eta if act else 0.0 for eta, act in zip(lr, active_list, strict=True)]
+    hessian = HessianOperator(engine, sign=sign, shift=pe.expand(wd))
+    if all(m == 0.0 for m in mu):
+        per = {"a": [1.0] * len(lr), "c": [1.0] * len(lr)}
+        coefs = {"D": pe.expand(D), "a": 1.0, "c": 1.0}
+        return UpdateOperator(
+            engine,
+            optimizer,
+            kind="sgd",
+            variant=None,
+            blocks=("theta",),
+            hessian=hessian,
+            coefs=coefs,
+            order=1,
+            uniform=_uniform(per, active_list),
+            active=active,
+        )
+    per: dict[str, list[float]] = {k: [] for k in ("a", "a2", "b", "beta", "c")}
+    for m, dd, nest, act, has in zip(mu, d, nesterov, active_list, has_state, strict=True):
+        if not act:  # torch skips the parameter: theta and buffer (if any) stay
+            vals = (0.0, 0.0, 0.0, 1.0 if has else 0.0, 1.0)
+        elif m == 0.0:  # a momentum-free group: plain SGD, no buffer
+            vals = (1.0, 0.0, 0.0, 0.0, 1.0)
+        elif nest:
+            vals = (1.0 + m * (1.0 - dd), 1.0 - dd, m * m, m, 1.0)
+        else:
+            vals = (1.0 - dd, 1.0 - dd, m, m, 1.0)
+        for key, v in zip(("a", "a2", "b", "beta", "c"), vals, strict=True):
+            per[key].append(v)
+    coefs = {key: pe.expand(v) for key, v in per.items()}
+    coefs["D"] = pe.expand(D)
+    return UpdateOperator(
+        engine,
+        optimizer,
+        kind="sgd",
+        variant=None,
+        blocks=("theta", "momentum_buffer"),
+        hessian=hessian,
+        coefs=coefs,
+        order=2,
+        uniform=_uniform(per, active_list),
+        active=active,
+    )
+
+
+def _adam(
+    engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant
+) -> UpdateOperator:
+    dt, dev = engine.dtype, engine.device
+    decoupled = [bool(gr.get("decoupled_weight_decay", False)) for gr in groups]
+    if isinstance(optimizer, torch.optim.AdamW):
+        decoupled = [True] * len(groups)
+    kind = "adamw" if all(decoupled) else "adam"
+    lr = [scalar(gr["lr"]) for gr in groups]
+    b1 = [scalar(gr["betas"][0]) for gr in groups]
+    b2 = [scalar(gr["betas"][1]) for gr in groups]
+    eps = [scalar(gr["eps"]) for gr in groups]
+    wd = [scalar(gr["weight_decay"]) for gr in groups]
+    wd_l2 = [0.0 if dec else w for w, dec in zip(wd, decoupled, strict=True)]
+    c = [
+        (1.0 - eta * w if dec else 1.0) if act else 1.0
+        for eta, w, dec, act in zip(lr, wd, decoupled, active_list, strict=True)
+    ]
+    full = variant == "full"
+    gs = engine.unflatten(g)
+    Ds, qs, rs = [], [], []
+    for i, (p, gi) in enumerate(zip(engine.params, gs, strict=True)):
+        if not active_list[i]:  # torch skips the parameter: theta, m, v stay
+            z = torch.zeros(p.numel(), dtype=dt, device=dev)
+            Ds.append(z)
+            qs.append(z)
+            rs.append(z)
+            continue
+        st = optimizer.state.get(p, {})  # .get: indexing the defaultdict would add an entry
+        t = scalar(st["step"])
+        bc1 = 1.0 - b1[i] ** (t + 1.0)
+        bc2 = 1.0 - b2[i] ** (t + 1.0)
+        theta = p.detach().reshape(-1).to(dt)
+        gt = sign * gi.reshape(-1).to(dt)
+        if wd_l2[i] != 0.0:
+            gt = gt + wd_l2[i] * theta
+        m = st["exp_avg"].reshape(-1).to(device=dev, dtype=dt)
+        v = st["exp_avg_sq"].reshape(-1).to(device=dev, dtype=dt)
+        v_new = b2[i] * v + (1.0 - b2[i]) * gt * gt
+        sqrt_v = v_new.sqrt()
+        denom = sqrt_v / bc2**0.5 + eps[i]
+        Ds.append(lr[i] / (bc1 * denom))
+        if full:
+            m_new = b1[i] * m + (1.0 - b1[i]) * gt
+            # d denom / d v' = 1 / (2 sqrt(v') sqrt(bc2)), taken as 0 where v' = 0
+            inv = torch.where(sqrt_v > 0, 1.0 / (2.0 * sqrt_v * bc2**0.5), torch.zeros_like(sqrt_v))
+            qs.append((lr[i] / bc1) * m_new * inv / denom**2)
+            rs.append(2.0 * (1.0 - b2[i]) * gt)
+    D = torch.cat(Ds)
+    hessian = HessianOperator(engine, sign=sign, shift=pe.expand(wd_l2))
+    # inactive parameters (skipped by torch): theta stays, and so does the state if it exists
+    stay = [1.0 if h else 0.0 for h in has_state]
+    if full:
+        coefs = {
+            "D": D,
+            "q": torch.cat(qs),
+            "r": torch.cat(rs),
+            "c": pe.expand(c),
+            "a": pe.expand([1.0 - x if a else 0.0 for x, a in zip(b1, active_list, strict=True)]),
+            "b1": pe.expand([x if a else s for x, a, s in zip(b1, active_list, stay, strict=True)]),
+            "b2": pe.expand([x if a else s for x, a, s in zip(b2, active_list, stay, strict=True)]),
+        }
+        return UpdateOperator(
+            engine,
+            optimizer,
+            kind=kind,
+            variant="full",
+            blocks=("theta", "exp_avg", "exp_avg_sq"),
+            hessian=hessian,
+            coefs=coefs,
+            order=0,
+            uniform=False,
+            active=active,
+        )
+    per = {
+        "a": [1.0 - x if a else 0.0 for x, a in zip(b1, active_list, strict=True)],
+        "a2": [1.0 - x if a else 0.0 for x, a in zip(b1, active_list, strict=True)],
+        "b": [x if a else 0.0 for x, a in zip(b1, active_list, strict=True)],
+        "beta": [x if a else s for x, a, s in zip(b1, active_list, stay, strict=True)],
+        "c": c,
+    }
+    coefs = {key: pe.expand(v) for key, v in per.items()}
+    coefs["D"] = D
+    return UpdateOperator(
+        engine,
+        optimizer,
+        kind=kind,
+        variant="frozen",
+        blocks=("theta", "exp_avg"),
+        hessian=hessian,
+        coefs=coefs,
+        order=2,
+        uniform=_uniform(per, active_list),
+        active=active,
+    )
