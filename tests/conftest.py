@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Before numpy loads: OpenBLAS threads fight each other on small dense problems (6 s vs 60 s).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # One thread: tiny test problems are 7-15x slower with spin-waiting threads on a loaded box.
 torch.set_num_threads(1)

@@ -1,0 +1,144 @@
+"""The result of :func:`kappa_gpu.estimate`: numbers, certificates and cost, JSON-safe."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["KappaReport"]
+
+
+def _jsonable(v: Any) -> Any:
+    """Convert numpy/torch values to JSON-safe Python: complex -> [re, im], inf/nan -> str."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        return [_jsonable(x) for x in v.tolist()]
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    if isinstance(v, (np.integer, int)):
+        return int(v)
+    if isinstance(v, (complex, np.complexfloating)):
+        return [_jsonable(float(v.real)), _jsonable(float(v.imag))]
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        return f if math.isfinite(f) else str(f)
+    return v
+
+
+@dataclass
+class KappaReport:
+    """Non-normality of the linearized optimizer update J at the current point.
+
+    Every vector quantity is per computed eigenvalue of J (``eigenvalues``), except the
+    ``*_mode`` fields, which are per curvature mode s (one mode gives the two eigenvalues of its
+    2x2 block; ``mode_of`` maps eigenvalues to modes).
+
+    Attributes:
+        eigenvalues: complex eigenvalues z of J for the computed modes.
+        kappa_V: sigma_max / sigma_min of the unit-norm right eigenvectors in the optimizer's
+            native coordinates (theta, then the buffers as torch stores them); conjugate pairs
+            both included. ``inf`` when the set is numerically singular (an exceptional point).
+        condition_numbers: eigenvalue condition numbers 1 / |y^H x| (unit x, y); independent of
+            how the columns are scaled.
+        spectral_radius: max |z| over the computed modes (not over the whole spectrum).
+        curvatures: the curvature s of each mode (eigenvalue of D^1/2 Ht D^1/2; for the arnoldi
+            path inferred from z through the 2x2 block's characteristic polynomial).
+        ep_ratio: per mode, a s / (sqrt(c) +- sqrt(beta))^2 - 1 for the nearest exceptional point
+            (0 at the EP); ``ep_which`` says which one ("lower"/"upper").
+        discriminant: per mode, the 2x2 discriminant (zero at an EP, negative between the EPs).
+        stability_margin: per mode, 1 - max |z| of its block (negative means unstable).
+        at_ep: per mode, whether it sits at an exceptional point (to rounding).
+        transient_growth: max_t ||T^t||_2 of the projected operator T = Q^T J Q on the computed
+            invariant subspace; ``growth_argmax`` the t where it is reached, ``growth_curve``
+            ||T^t|| for t = 0..horizon, ``growth_bounded`` False when rho >= 1 (then
+            ``transient_growth`` is ``inf`` and the curve shows the first steps only).
+        normalized_growth: max_t ||(T / rho)^t||, the amplification beyond what the spectral
+            radius alone predicts; finite also when rho >= 1 (1 for a normal T).
+        kappa_bound_curve: kappa_V rho^t for the same t.
+        kreiss_lower: a lower bound of the Kreiss constant of T.
+        residuals: true residuals ||J x - z x|| (unit x) recomputed with the operator.
+        converged: per eigenvalue, whether its residual passed the tolerance.
+        n_hvp: Hessian-vector products spent (certificates included); seconds: wall time.
+        method, variant, modes, target: what was computed and how it was targeted.
+        coordinates: the coordinates kappa_V refers to.
+        message: a human-readable status; says what to do when something did not converge.
+    """
+
+    eigenvalues: np.ndarray
+    kappa_V: float
+    condition_numbers: np.ndarray
+    spectral_radius: float
+    curvatures: np.ndarray
+    mode_of: np.ndarray
+    ep_ratio: np.ndarray
+    ep_which: list[str]
+    discriminant: np.ndarray
+    stability_margin: np.ndarray
+    at_ep: np.ndarray
+    transient_growth: float
+    normalized_growth: float
+    growth_argmax: int
+    growth_curve: np.ndarray
+    growth_bounded: bool
+    kappa_bound_curve: np.ndarray
+    kreiss_lower: float
+    residuals: np.ndarray
+    converged: np.ndarray
+    n_hvp: int
+    seconds: float
+    method: str
+    variant: str | None
+    optimizer: str
+    modes: str
+    target: str
+    n_params: int
+    state_dim: int
+    tol: float
+    coordinates: str = "native: (theta, optimizer buffers as torch stores them), unit columns"
+    message: str = ""
+    hessenberg: np.ndarray | None = field(default=None, repr=False)
+    #: Vectors to warm-start the next estimate with (pass as ``warm_start=``); not serialized.
+    warm_vectors: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(np.all(self.converged))
+
+    @property
+    def nearest_ep_ratio(self) -> float:
+        """The signed EP ratio of the mode closest to an exceptional point (nan if no modes)."""
+        if len(self.ep_ratio) == 0:
+            return float("nan")
+        return float(self.ep_ratio[np.argmin(np.abs(self.ep_ratio))])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (complex as [re, im], non-finite floats as strings)."""
+        skip = {"hessenberg", "warm_vectors"}
+        out = {k: _jsonable(v) for k, v in self.__dict__.items() if k not in skip}
+        out["all_converged"] = self.all_converged
+        out["nearest_ep_ratio"] = _jsonable(self.nearest_ep_ratio)
+        return out
+
+    def summary(self) -> str:
+        """A few lines for a terminal."""
+        conv = "all converged" if self.all_converged else "NOT all converged"
+        return (
+            f"kappa_gpu {self.method} estimate ({self.optimizer}"
+            f"{'/' + self.variant if self.variant else ''}, {self.modes} modes, "
+            f"{len(self.eigenvalues)} eigenvalues, {conv})\n"
+            f"  rho (computed modes) = {self.spectral_radius:.6g}   kappa_V = {self.kappa_V:.4g}"
+            f"   max cond(z) = {np.max(self.condition_numbers, initial=0):.4g}\n"
+            f"  nearest EP ratio = {self.nearest_ep_ratio:+.3g}   transient growth = "
+            f"{self.transient_growth:.4g} at t = {self.growth_argmax}   Kreiss >= "
+            f"{self.kreiss_lower:.4g}\n"
+            f"  cost: {self.n_hvp} HVPs, {self.seconds:.2f} s.  {self.message}"
+        )

@@ -1,0 +1,287 @@
+"""The Krylov basis on the operator's device and its expansion (block Arnoldi with CGS2).
+
+One preallocated ``(ncv + s, n)`` tensor ``V`` (``s`` = block size; row ``j`` is basis vector
+``v_j``, contiguous, so the operator gets contiguous vectors and Gram-Schmidt reads contiguous
+memory, about 2x faster on a CPU than column storage) holds the orthonormal basis on
+``A.device`` in ``A.dtype``; all ``O(n)`` work (operator applications, Gram-Schmidt as two
+matrix-vector products ``V w`` and ``V^T h``, restarts as one ``Z^T V`` product) stays there. The
+projected matrix ``H`` (``(ncv + s) x ncv``) lives in float64 numpy on the host; per Krylov step
+only the ``j`` Gram-Schmidt coefficients and a norm cross the bus.
+
+Invariant maintained (the Krylov decomposition, with ``V_m = V[:m].T`` the ``n x m`` basis)::
+
+    A V_m = V_{m+s} H[:m + s, :m],    V_{m+s} orthonormal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from kappa_gpu._linop import LinearOperator
+
+__all__ = ["KrylovBasis", "random_block"]
+
+#: DGKS threshold (Daniel, Gragg, Kaufman & Stewart 1976): reorthogonalize when the Gram-Schmidt
+#: step cancelled more than this fraction of the norm. ARPACK uses 0.717.
+_ETA = 1.0 / np.sqrt(2.0)
+
+
+def random_block(
+    n: int, s: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``(n, s)`` standard normal entries, drawn on ``generator``'s device, moved to ``device``."""
+    if generator is None:
+        return torch.randn(n, s, dtype=dtype, device=device)
+    X = torch.randn(n, s, dtype=dtype, device=generator.device, generator=generator)
+    return X.to(device)
+
+
+class KrylovBasis:
+    """Orthonormal Krylov basis with its projected matrix.
+
+    Args:
+        A: the (square) operator.
+        ncv: the largest basis size ``m``.
+        s: block size (columns applied per ``matmat``).
+        generator: for the random vectors that replace a breakdown.
+        name: the solver's name, for messages.
+        reorth: ``"full"`` (classical Gram-Schmidt against the whole basis with DGKS
+            refinement) or ``"selective"`` (symmetric operators only: local three-term / arrow
+            recurrence plus Parlett-Scott orthogonalization against converged Ritz vectors).
+    """
+
+    def __init__(
+        self,
+        A: LinearOperator,
+        ncv: int,
+        s: int,
+        generator: torch.Generator | None,
+        name: str,
+        reorth: str = "full",
+    ):
+        self.A, self.n, self.ncv, self.s = A, A.shape[0], ncv, s
+        self.V = torch.zeros(ncv + s, self.n, dtype=A.dtype, device=A.device)
+        self.H = np.zeros((ncv + s, ncv))
+        self.generator, self.name, self.reorth = generator, name, reorth
+        self.n_matvec = 0
+        self.n_restarts = 0
+        self.n_breakdowns = 0
+        self.p = 0  # columns [0, p) are the kept part after the last restart
+        self._cycle_start = 0
+        self.eps = float(torch.finfo(A.dtype).eps)
+
+    # -- operator application -----------------------------------------------------------------
+    def _apply(self, j: int) -> torch.Tensor:
+        """``A [v_j .. v_{j+s-1}]`` as an ``(n, s)`` tensor (one matvec or one batched matmat)."""
+        if self.s == 1:
+            X = self.V[j]
+            W = self.A.matvec(X)
+            want = (self.n,)
+        else:
+            # (n, s) columns, contiguous: what a batched HVP expects.
+            X = self.V[j : j + self.s].T.contiguous()
+            W = self.A.matmat(X)
+            want = (self.n, self.s)
+        self.n_matvec += self.s
+        if not isinstance(W, torch.Tensor) or tuple(W.shape) != want:
+            got = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+            raise ValueError(
+                f"{self.name}: the operator's {'matvec' if self.s == 1 else 'matmat'} returned "
+                f"{got} for an input of shape {tuple(X.shape) if self.s > 1 else (self.n,)}; "
+                f"expected {want}"
+            )
+        if W.device != self.V.device:
+            raise ValueError(
+                f"{self.name}: the operator returned a tensor on {W.device}, but it declares "
+                f"device {self.V.device}"
+            )
+        W = W.to(self.V.dtype)
+        return W.reshape(self.n, self.s)
+
+    def _nonfinite(self, j: int) -> FloatingPointError:
+        return FloatingPointError(
+            f"{self.name}: the operator returned NaN or inf from matvec number {self.n_matvec} "
+            f"(restart {self.n_restarts}, Krylov column {j}); the operator is not finite at this "
+            "vector (check the model/HVP for overflow or NaN parameters); the iteration stopped"
+        )
+
+    # -- orthogonalization ----------------------------------------------------------------------
+    def _to_host(self, *ts: torch.Tensor) -> np.ndarray:
+        # One device->host copy per call: a handful of float64 numbers.
+        return torch.cat([t.reshape(-1) for t in ts]).to("cpu", torch.float64).numpy()
+
+    def _random_orthogonal(self, col: int) -> torch.Tensor | None:
+        """A random unit vector orthogonal to ``v_0 .. v_{col-1}``, or ``None`` if they span R^n."""
+        Vk = self.V[:col]
+        for _ in range(3):
+            w = random_block(self.n, 1, self.V.dtype, self.V.device, self.generator)[:, 0]
+            for _ in range(2):
+                w = w - Vk.T @ (Vk @ w)
+            nrm = float(torch.linalg.vector_norm(w))
+            if nrm > 100 * self.eps * np.sqrt(self.n):
+                return w / nrm
+        return None
+
+    def _orthogonalize(
+        self, w: torch.Tensor, lo: int, col: int, j: int
+    ) -> tuple[np.ndarray, float, torch.Tensor | None]:
+        """Classical Gram-Schmidt of ``w`` against ``v_lo .. v_{col-1}`` with DGKS refinement.
+
+        Up to two extra passes, each only when the previous one cancelled more than
+        ``1 - 1/sqrt(2)`` of the norm (ARPACK's ``dnaitr`` rule). If the norm keeps collapsing,
+        ``w`` is numerically in the span: a breakdown, reported as ``beta = 0`` with a fresh random
+        vector orthogonal to the whole basis (or ``None`` when the basis spans R^n).
+
+        Returns:
+            ``(h, beta, v)``: coefficients on ``v_lo .. v_{col-1}``, the new norm, the new unit
+            vector.
+        """
+        Vk = self.V[lo:col]
+        h_dev = Vk @ w
+        host = self._to_host(h_dev, torch.linalg.vector_norm(w))
+        if not np.isfinite(host).all():
+            raise self._nonfinite(j)
+        h, norm0 = host[:-1].copy(), float(host[-1])
+        w = torch.addmv(w, Vk.T, h_dev, alpha=-1.0)
+        norm1 = float(torch.linalg.vector_norm(w))
+        passes = 0
+        breakdown = norm0 == 0.0
+        while not breakdown and norm1 <= _ETA * norm0:
+            if passes == 2:
+                breakdown = True
+                break
+            g_dev = Vk @ w
+            w = torch.addmv(w, Vk.T, g_dev, alpha=-1.0)
+            h += self._to_host(g_dev)
+            norm0, norm1 = norm1, float(torch.linalg.vector_norm(w))
+            passes += 1
+        if breakdown or norm1 == 0.0:
+            self.n_breakdowns += 1
+            return h, 0.0, self._random_orthogonal(col)
+        return h, norm1, w / norm1
+
+    # -- expansion ------------------------------------------------------------------------------
+    def start(self, X: torch.Tensor) -> None:
+        """Put the orthonormal ``(n, s)`` start block into ``V[:s]`` and clear ``H``."""
+        self.V.zero_()
+        self.V[: self.s] = X.T
+        self.H[:] = 0.0
+        self.p = 0
+
+    def expand(self, m: int, stop: Callable[[int], bool] | None = None) -> int:
+        """Extend the decomposition from ``p`` to ``m`` columns (``m - p`` a multiple of ``s``).
+
+        Costs ``m - p`` operator applications, ``(m - p) / s`` calls of ``matvec``/``matmat``.
+        ``stop(j)``, called after each block step with the current size ``j``, may end the
+        expansion early (all wanted pairs converged). Returns the size reached.
+        """
+        s = self.s
+        self._cycle_start = self.p  # the arrow column of thick restart (selective mode)
+        for j in range(self.p, m, s):
+            W = self._apply(j)
+            for i in range(s):
+                col = j + s + i
+                if self.reorth == "selective":
+                    h, lo, beta, v = self._selective_step(W[:, i], j + i, col)
+                else:
+                    lo = 0
+                    h, beta, v = self._orthogonalize(W[:, i], 0, col, j + i)
+                self.H[lo:col, j + i] = h
+                self.H[col, j + i] = beta
+                if v is None:  # the basis spans R^n: the residual is exactly zero
+                    self.V[col] = 0.0
+                else:
+                    self.V[col] = v
+            self.p = j + s
+            if stop is not None and j + s < m and stop(j + s):
+                break
+        return self.p
+
+    def _selective_step(
+        self, w: torch.Tensor, j: int, col: int
+    ) -> tuple[np.ndarray, int, float, torch.Tensor | None]:
+        """One Lanczos step with selective orthogonalization (``s == 1``, symmetric ``A``).
+
+        Local recurrence: orthogonalize against ``v_{j-1}, v_j``, or against the whole kept part
+        (the "arrow" of thick restart) on the first step after a restart. Then Parlett & Scott's
+        selective orthogonalization: against the Ritz vectors of the current tridiagonal-plus-arrow
+        matrix whose error bound ``beta |s_ji|`` is below ``sqrt(eps) ||T||`` (the converged ones,
+        the only directions in which Lanczos vectors lose orthogonality, Paige 1971). Their
+        coefficients are not added to ``H`` (they are rounding noise by construction).
+        """
+        c0 = self._cycle_start
+        lo = 0 if j == c0 else max(0, j - 1)
+        if 0 < c0 < lo:
+            # Thick restart keeps unconverged Ritz vectors too; the recurrence leaks rounding
+            # into them at a rate that grows with each restart, so new vectors are always
+            # orthogonalized against the kept block (one (n x p) GEMV pair; coefficients are
+            # rounding noise and are not put into H).
+            Vk = self.V[:c0]
+            w = w - Vk.T @ (Vk @ w)
+        h, beta, v = self._orthogonalize(w, lo, col, j)
+        if beta == 0.0 or j == 0:
+            return h, lo, beta, v
+        w = v * beta
+        Hj = self.H[: j + 1, : j + 1].copy()
+        Hj[lo : j + 1, j] = h
+        Ts = np.triu(Hj) + np.triu(Hj, 1).T  # symmetric, from the upper part just computed
+        theta, S = np.linalg.eigh(Ts)
+        bounds = beta * np.abs(S[j, :])
+        good = bounds <= np.sqrt(self.eps) * max(np.abs(theta).max(), np.finfo(float).tiny)
+        if good.any():
+            Sg = torch.as_tensor(S[:, good].T, dtype=self.V.dtype, device=self.V.device)
+            Y = Sg @ self.V[: j + 1]  # the good Ritz vectors, one per row
+            w = w - Y.T @ (Y @ w)
+            nrm = float(torch.linalg.vector_norm(w))
+            if nrm <= _ETA * beta * 1e-8 or nrm == 0.0:
+                self.n_breakdowns += 1
+                return h, lo, 0.0, self._random_orthogonal(col)
+            beta, v = nrm, w / nrm
+        return h, lo, beta, v
+
+    def columns(self, m: int) -> torch.Tensor:
+        """The ``n x m`` basis ``V_m`` as a (transposed) view."""
+        return self.V[:m].T
+
+    # -- restart --------------------------------------------------------------------------------
+    def restart(
+        self,
+        m: int,
+        Z1: np.ndarray,
+        T11: np.ndarray,
+        scale: np.ndarray | None = None,
+        partner: np.ndarray | None = None,
+    ) -> None:
+        """Krylov-Schur / thick restart: keep ``V_m Z1`` (``Z1`` orthonormal, ``m x p``).
+
+        New decomposition: ``A (V_m Z1) = (V_m Z1) T11 + [v_m .. v_{m+s-1}] (B Z1)`` with ``B`` the
+        residual rows of ``H``. Costs one ``(n x m) @ (m x p)`` product on the device.
+
+        Deflation (ARPACK's ``dnapps`` rule): a kept column whose coupling ``||(B Z1)[:, j]||`` is
+        below ``eps * scale[j]`` (``scale`` = ``|theta_j|``; a conjugate pair, ``partner``, only
+        together) has converged to working precision; its coupling is set to exactly zero, a
+        perturbation at the rounding level of the basis. Without it such a pair's Ritz estimate
+        stays at the rounding noise and ``tol`` near machine epsilon is never met.
+        """
+        s, p = self.s, Z1.shape[1]
+        B = self.H[m : m + s, :m].copy()
+        Zd = torch.as_tensor(Z1, dtype=self.V.dtype, device=self.V.device)
+        kept = Zd.T @ self.V[:m]
+        resid = self.V[m : m + s].clone()
+        self.V[:p] = kept
+        self.V[p : p + s] = resid
+        self.V[p + s :] = 0.0
+        Bz = B @ Z1
+        if scale is not None:
+            small = np.linalg.norm(Bz, axis=0) <= self.eps * scale
+            if partner is not None:
+                small &= np.where(partner >= 0, small[np.maximum(partner, 0)], True)
+            Bz[:, small] = 0.0
+        self.H[:] = 0.0
+        self.H[:p, :p] = T11
+        self.H[p : p + s, :p] = Bz
+        self.p = p
+        self.n_restarts += 1

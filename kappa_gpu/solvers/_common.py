@@ -1,0 +1,242 @@
+"""Shared pieces of the eigen-solvers: input validation, defaults, start blocks, certificates."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+
+from kappa_gpu._linop import LinearOperator, aslinearoperator
+from kappa_gpu.solvers._basis import random_block
+
+__all__ = [
+    "DEFAULT_TOL",
+    "as_operator",
+    "check_int",
+    "check_sigma",
+    "default_maxiter",
+    "resolve_tol",
+    "conv_floor",
+    "start_block",
+    "ritz_vectors",
+    "true_residuals",
+    "not_converged_message",
+]
+
+#: Default relative tolerance on the Ritz estimate, per operator dtype: about sqrt(eps), i.e.
+#: eigenvalues of well-conditioned pairs to ~1e-8 (float64) / ~1e-4 (float32) relative. SLEPc's
+#: default is 1e-8; ARPACK's (``tol=0``) machine epsilon, also accepted here.
+DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
+
+
+def as_operator(A, name: str) -> LinearOperator:
+    """Wrap tensors/arrays, check squareness and dtype."""
+    if not isinstance(A, LinearOperator):
+        A = aslinearoperator(A)
+    m, n = A.shape
+    if m != n:
+        raise ValueError(f"{name} needs a square operator, got shape {A.shape}")
+    if A.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"{name} supports float32 and float64 operators, got {A.dtype}; wrap the operator "
+            "so that it computes in float32 or float64"
+        )
+    return A
+
+
+def check_int(name: str, value, lo: int, what: str) -> int:
+    """``value`` as an int ``>= lo``, or a ValueError/TypeError stating the constraint."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer {what}, got {value!r}")
+    value = int(value)
+    if value < lo:
+        raise ValueError(f"`{name}` must be an integer {what}, got {value}")
+    return value
+
+
+def default_maxiter(n: int) -> int:
+    """Maximum number of restarts: ARPACK's ``10 n``, at least 100, at most 10 000.
+
+    The cap keeps a stagnating run on a 10^6-dimensional operator from spending ~10^7 restarts
+    (ARPACK's default there); pass ``maxiter`` explicitly to go further.
+    """
+    return int(min(max(100, 10 * n), 10_000))
+
+
+def resolve_tol(tol, dtype: torch.dtype) -> float:
+    """``None`` -> :data:`DEFAULT_TOL`; ``0`` -> machine epsilon of ``dtype`` (ARPACK/SciPy)."""
+    if tol is None:
+        return DEFAULT_TOL[dtype]
+    try:
+        tol = float(tol)
+    except (TypeError, ValueError):
+        raise TypeError(f"`tol` must be a non-negative number, got {tol!r}") from None
+    if not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"`tol` must be a finite number >= 0 (0 means machine eps), got {tol}")
+    return tol if tol > 0 else float(torch.finfo(dtype).eps)
+
+
+def conv_floor(dtype: torch.dtype) -> float:
+    """ARPACK's floor in the relative test ``||r|| <= tol * max(|z|, eps**(2/3))``."""
+    return float(torch.finfo(dtype).eps) ** (2.0 / 3.0)
+
+
+def check_sigma(sigma) -> float | None:
+    if sigma is None:
+        return None
+    if isinstance(sigma, complex) or (isinstance(sigma, np.generic) and np.iscomplexobj(sigma)):
+        if complex(sigma).imag != 0:
+            raise ValueError(
+                f"`sigma` must be real for a real operator (conjugate pairs are kept together), "
+                f"got {sigma!r}"
+            )
+        sigma = complex(sigma).real
+    try:
+        sigma = float(sigma)
+    except (TypeError, ValueError):
+        raise TypeError(f"`sigma` must be a real number or None, got {sigma!r}") from None
+    if not math.isfinite(sigma):
+        raise ValueError(f"`sigma` must be finite, got {sigma}")
+    return sigma
+
+
+def _orthonormal_columns(X: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the column span of ``X`` (rank-revealing: QR, then SVD of ``R``).
+
+    Columns below ``sqrt(eps)`` relative to the largest singular value are dropped; returns an
+    ``(n, 0)`` tensor for a zero block.
+    """
+    eps = float(torch.finfo(X.dtype).eps)
+    Q, R = torch.linalg.qr(X)
+    # The p x p factor on the host in float64: a rank decision on a tiny matrix.
+    Rh = R.to("cpu", torch.float64).numpy()
+    U, sv, _ = np.linalg.svd(Rh)
+    if sv.size == 0 or sv[0] == 0.0:
+        return X[:, :0]
+    keep = sv > math.sqrt(eps) * sv[0]
+    Ud = torch.as_tensor(U[:, keep], dtype=X.dtype, device=X.device)
+    Q = Q @ Ud
+    # One more pass: QR of a nearly rank-deficient block loses orthogonality.
+    Q, _ = torch.linalg.qr(Q)
+    return Q
+
+
+def start_block(
+    v0, A: LinearOperator, s: int, generator: torch.Generator | None, name: str
+) -> tuple[torch.Tensor, int]:
+    """The orthonormal ``(n, s)`` start block from ``v0`` (or random), and the rank of ``v0``.
+
+    A block ``v0`` of ``p`` columns (complex columns contribute their real and imaginary parts) is
+    orthonormalized; then its directions are folded into ``s`` columns (column ``i`` is the sum
+    of directions ``i, i + s, i + 2s, ...``), so that every direction of the warm start is present
+    in the first Krylov block with equal weight; missing columns are random.
+    """
+    n = A.shape[0]
+    if v0 is None:
+        X = random_block(n, s, A.dtype, A.device, generator)
+        return _orthonormal_columns(X), 0
+    if isinstance(v0, np.ndarray):
+        v0 = torch.from_numpy(v0)
+    if not isinstance(v0, torch.Tensor):
+        raise TypeError(f"{name}: `v0` must be a torch tensor or numpy array, got {type(v0)}")
+    shape = tuple(v0.shape)
+    if v0.ndim not in (1, 2) or shape[0] != n or (v0.ndim == 2 and shape[1] == 0):
+        raise ValueError(
+            f"{name}: `v0` must have shape ({n},) or ({n}, p) with p >= 1 for an operator of "
+            f"shape {A.shape}, got {shape}"
+        )
+    X = v0.reshape(n, -1)
+    if X.is_complex():
+        X = torch.cat([X.real, X.imag], dim=1)
+    X = X.to(device=A.device, dtype=A.dtype)
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError(f"{name}: `v0` contains NaN or inf")
+    Q = _orthonormal_columns(X)
+    r = Q.shape[1]
+    if r == 0:
+        raise ValueError(
+            f"{name}: `v0` is zero; pass a nonzero start vector/block, or None for a random one"
+        )
+    if r < s:
+        R = random_block(n, s - r, A.dtype, A.device, generator)
+        Q = _orthonormal_columns(torch.cat([Q, R], dim=1))
+    elif r > s:
+        pad = (-r) % s
+        if pad:
+            Q = torch.cat([Q, torch.zeros(n, pad, dtype=Q.dtype, device=Q.device)], dim=1)
+        Q = Q.reshape(n, -1, s).sum(dim=1)
+        Q = _orthonormal_columns(Q)
+    return Q, r
+
+
+def ritz_vectors(V: torch.Tensor, C: np.ndarray, complex_out: bool) -> torch.Tensor:
+    """``V @ C`` on the device, columns scaled to unit norm, largest entry real and positive.
+
+    ``C`` is a small complex128 (or float64) host matrix of coefficients; for a real ``V`` the
+    real and imaginary parts are applied separately (two real GEMMs, no complex copy of ``V``).
+    """
+    dt = V.dtype
+    if complex_out:
+        Cr = torch.as_tensor(np.ascontiguousarray(C.real), dtype=dt, device=V.device)
+        Ci = torch.as_tensor(np.ascontiguousarray(C.imag), dtype=dt, device=V.device)
+        X = torch.complex(V @ Cr, V @ Ci)
+    else:
+        X = V @ torch.as_tensor(np.ascontiguousarray(C.real), dtype=dt, device=V.device)
+    nrm = torch.linalg.vector_norm(X, dim=0)
+    X = X / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
+    if X.shape[1]:
+        idx = torch.argmax(X.abs(), dim=0)
+        top = X[idx, torch.arange(X.shape[1], device=X.device)]
+        phase = top / torch.where(top.abs() > 0, top.abs(), torch.ones_like(top.abs()))
+        X = X / torch.where(phase.abs() > 0, phase, torch.ones_like(phase))
+    return X
+
+
+def true_residuals(
+    A: LinearOperator, X: torch.Tensor, z: np.ndarray, partner: np.ndarray | None
+) -> tuple[np.ndarray, int]:
+    """``||A x_i - z_i x_i||`` with real operator applications, and how many were used.
+
+    A real ``x`` costs one application; a conjugate pair costs two (real and imaginary part of
+    one member; the partner's residual is the conjugate, same norm).
+    """
+    k = X.shape[1]
+    if k == 0:
+        return np.zeros(0), 0
+    if not X.is_complex():
+        R = A.matmat(X) - X * torch.as_tensor(z.real, dtype=X.dtype, device=X.device)
+        return torch.linalg.vector_norm(R, dim=0).to("cpu", torch.float64).numpy(), k
+    reps = [i for i in range(k) if partner is None or partner[i] < 0 or partner[i] > i]
+    cols, where = [], []
+    for i in reps:
+        if z[i].imag == 0:
+            cols.append(X[:, i].real)
+            where.append((i, len(cols) - 1, None))
+        else:
+            cols.append(X[:, i].real)
+            cols.append(X[:, i].imag)
+            where.append((i, len(cols) - 2, len(cols) - 1))
+    M = torch.stack(cols, dim=1)
+    AM = A.matmat(M)
+    res = np.zeros(k)
+    zt = torch.as_tensor(z, dtype=torch.complex128)
+    for i, a, b in where:
+        Ax = AM[:, a] if b is None else torch.complex(AM[:, a], AM[:, b])
+        zi = zt[i].to(X.dtype) if X.is_complex() else zt[i]
+        r = Ax.to(X.dtype) - zi * X[:, i]
+        res[i] = float(torch.linalg.vector_norm(r))
+        if partner is not None and partner[i] >= 0:
+            res[partner[i]] = res[i]
+    return res, M.shape[1]
+
+
+def not_converged_message(
+    name: str, nconv: int, nwant: int, restarts: int, nmv: int, maxiter: int, ncv: int, tol: float
+) -> str:
+    return (
+        f"{name}: not converged: {nconv} of {nwant} wanted eigenpairs reached tol={tol:.1e} after "
+        f"{restarts} restarts ({nmv} matvecs); raise maxiter (now {maxiter}) or ncv (now {ncv}), "
+        f"or loosen tol; the unconverged pairs are returned with converged=False"
+    )

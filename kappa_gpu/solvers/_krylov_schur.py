@@ -1,0 +1,348 @@
+"""Krylov-Schur eigen-solver for general real operators (Stewart 2001), on any device.
+
+Algorithm (real arithmetic throughout, complex numbers only in the returned eigenvectors):
+
+1. Expand a Krylov decomposition ``A V_m = V_{m+s} H`` to ``m = ncv`` columns: (block) Arnoldi
+   with classical Gram-Schmidt and DGKS reorthogonalization; a breakdown (invariant subspace)
+   continues with a fresh random vector orthogonal to the basis.
+2. Real Schur form ``S = Z T Z^T`` of the Rayleigh quotient ``S = H[:m]`` in float64 on the host;
+   Ritz values from its 1x1/2x2 blocks; Ritz estimates ``||B Z y_i||`` (``B`` = residual rows).
+3. Convergence: a wanted pair is converged when its Ritz estimate is
+   ``<= tol * max(|z_i|, eps**(2/3))`` (ARPACK's ``dnconv`` test, relative to ``|z_i|``), or at
+   the rounding floor ``eps ||H||_F`` of the decomposition itself (reached only for ``tol`` near
+   machine epsilon; below it an estimate is noise, and ARPACK's deflation zeroes it). Within the
+   first cycle the test runs after every step, so a warm start stops as soon as it is done.
+4. Restart: reorder ``T`` (LAPACK ``dtrsen``) so that the ``p`` kept Ritz values come first,
+   ``p = nev + min(nconv, (ncv - nev) // 2)`` as ARPACK (never splitting a 2x2 block), and keep
+   ``V_m Z[:, :p]``. In exact arithmetic this is implicitly restarted Arnoldi with exact shifts,
+   so the matvec counts match ARPACK's; the Schur form makes the purge of unwanted Ritz values
+   stable and lets conjugate pairs stay together.
+
+Converged pairs are *retained*, not hard-locked: they stay in the kept leading block, where
+restarts only rotate them within that block (ARPACK's ``nev + nconv`` adjustment). Their coupling
+to the new vectors is set to zero only once it is at the rounding level (``<= eps |z|``, ARPACK's
+``dnapps`` deflation rule), never at ``tol``: zeroing a coupling of size ``tol |z|`` would perturb
+an eigenvalue of condition number ``kappa`` by ``kappa tol |z|``, and the operators of interest
+have ``kappa`` up to 10^6; retention keeps refining them at no matvec cost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kappa_gpu._linop import LinearOperator
+from kappa_gpu.solvers._basis import KrylovBasis
+from kappa_gpu.solvers._common import (
+    as_operator,
+    check_int,
+    check_sigma,
+    conv_floor,
+    default_maxiter,
+    not_converged_message,
+    resolve_tol,
+    ritz_vectors,
+    start_block,
+    true_residuals,
+)
+from kappa_gpu.solvers._dense import SchurRitz, reorder_schur, schur_ritz
+from kappa_gpu.solvers._result import ConvergenceError, EigResult
+from kappa_gpu.solvers._which import EIGS_WHICH, kept_count, order_complex
+
+__all__ = ["eigs"]
+
+
+@dataclass
+class _Run:
+    """What one Krylov-Schur run leaves behind (host-side, plus the basis on the device)."""
+
+    theta: np.ndarray  # (k',) complex128, wanted Ritz values, most wanted first
+    coeffs: np.ndarray  # (m, k') complex128 unit Ritz vectors of H[:m] (eigenvectors S s = z s)
+    partner: np.ndarray  # (k',) index of the conjugate partner in the output, -1 if real
+    estimates: np.ndarray  # (k',) Ritz estimates
+    converged: np.ndarray  # (k',) bool
+    basis: KrylovBasis
+    m: int
+    hessenberg: np.ndarray
+    nconv: int
+
+
+def _ks_run(
+    A: LinearOperator,
+    k: int,
+    which: str,
+    sigma: float | None,
+    X0: torch.Tensor,
+    ncv: int,
+    maxiter: int,
+    tol: float,
+    s: int,
+    generator: torch.Generator | None,
+    name: str,
+) -> _Run:
+    basis = KrylovBasis(A, ncv, s, generator, name)
+    basis.start(X0)
+    floor = conv_floor(A.dtype)
+    noise = float(torch.finfo(A.dtype).eps)
+
+    def analyze(m: int):
+        H = basis.H
+        sr = schur_ritz(H[:m, :m])
+        order = order_complex(sr.theta, which, sigma)
+        wanted = sr.closure(order[:k])  # k, or k + 1 when a pair straddles the k-th position
+        S = sr.eigvecs(wanted)
+        est = np.linalg.norm(H[m : m + s, :m] @ S, axis=0)
+        conv = est <= np.maximum(
+            tol * np.maximum(np.abs(sr.theta[wanted]), floor), noise * np.linalg.norm(H[:m, :m])
+        )
+        return sr, order, wanted, S, est, conv
+
+    state: dict = {}
+
+    def early(m: int) -> bool:
+        # Convergence inside the first cycle: a warm start often needs far fewer than ncv
+        # vectors. Not after a restart: a restart can purge a wanted direction that only
+        # rounding brings back, and a full cycle gives it room to reappear (ARPACK, too, tests
+        # at full size only); not after a breakdown, where the space is blind to part of the
+        # spectrum.
+        if m <= k or basis.n_restarts or basis.n_breakdowns:
+            return False
+        state["a"] = analyze(m)
+        return bool(state["a"][5].all())
+
+    while True:
+        m_full = basis.p + s * ((ncv - basis.p) // s)
+        state.clear()
+        m = basis.expand(m_full, stop=early)
+        sr, order, wanted, S, est, conv = state["a"] if m < m_full else analyze(m)
+        nev, nconv = len(wanted), int(conv.sum())
+        if nconv >= nev or basis.n_restarts >= maxiter:
+            break
+        # Kept count as ARPACK (dnaup2); cap leaves room for one block, closure may add one.
+        p = kept_count(nev, nconv, m, cap=m - 2 if s == 1 else max(nev, m - 2 * s), symmetric=False)
+        if s > 1:  # a block cycle is a low-degree filter: keep half the basis (as SLEPc)
+            p = max(p, min(m // 2, m - 2 * s))
+        keep = sr.closure(order[: max(p, 1)])
+        if len(keep) > m - s:  # closure crossed the cap of a block run: drop the pair instead
+            keep = sr.closure(order[: max(p - 1, 1)])
+        T, Z, p = reorder_schur(sr, keep)
+        kept = SchurRitz(T[:p, :p], np.eye(p))
+        basis.restart(m, Z[:, :p], T[:p, :p], np.abs(kept.theta), kept.partner)
+    H = basis.H
+    # Output order: most wanted first, conjugate partners adjacent (+ first).
+    pos = list(wanted)
+    partner = np.array([pos.index(sr.partner[q]) if sr.partner[q] >= 0 else -1 for q in pos])
+    return _Run(
+        theta=sr.theta[wanted],
+        coeffs=S,
+        partner=partner,
+        estimates=est,
+        converged=conv,
+        basis=basis,
+        m=m,
+        hessenberg=H[: m + s, :m].copy(),
+        nconv=nconv,
+    )
+
+
+def _has_adjoint(A: LinearOperator) -> bool:
+    """Whether ``A`` defines ``rmatvec`` (checked at the door, before any matvec is spent)."""
+    if type(A)._rmatvec is LinearOperator._rmatvec:
+        return False
+    return getattr(A, "_rmv", True) is not None  # aslinearoperator(callable) without rmatvec
+
+
+def _match_left(z: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each right eigenvalue ``z_i`` the index of the adjoint eigenvalue ``w_j ~ conj(z_i)``."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = np.abs(np.conj(z)[:, None] - w[None, :])
+    rows, cols = linear_sum_assignment(cost)
+    # Unassigned rows (fewer adjoint values than right ones): nearest, flagged by an inf distance.
+    idx = np.argmin(cost, axis=1)
+    dist = np.full(len(z), np.inf)
+    idx[rows] = cols
+    dist[rows] = cost[rows, cols]
+    return idx, dist
+
+
+def eigs(
+    A: LinearOperator,
+    k: int = 6,
+    *,
+    which: str = "LM",
+    sigma: float | None = None,
+    v0: torch.Tensor | np.ndarray | None = None,
+    ncv: int | None = None,
+    maxiter: int | None = None,
+    tol: float | None = None,
+    left: bool = False,
+    block_size: int = 1,
+    generator: torch.Generator | None = None,
+    strict: bool = False,
+) -> EigResult:
+    """``k`` eigenpairs of a real square operator by the Krylov-Schur method.
+
+    The SciPy-shaped counterpart of ``scipy.sparse.linalg.eigs`` (without shift-invert), on
+    torch tensors on any device: the basis, orthogonalization and matvecs stay on ``A.device``;
+    only ``ncv x ncv`` matrices go to the host in float64.
+
+    Args:
+        A: square :class:`~kappa_gpu.LinearOperator` (float32/float64; a tensor is wrapped).
+        k: number of wanted eigenvalues, ``0 < k < n - block_size``. A conjugate pair is never
+            split: if the ``k``-th wanted value is one half of a pair, ``k + 1`` are returned.
+        which: ``"LM"`` (largest ``|z - sigma|``), ``"SM"`` (smallest ``|z - sigma|``; interior,
+            slow without inversion), ``"LR"``/``"SR"`` (largest/smallest real part), ``"LI"``
+            (largest ``|Im z|``, ARPACK's meaning; finds the complex pairs).
+        sigma: real target shift for ``"LM"``/``"SM"``: the ordering is by ``|z - sigma|``. No
+            inversion is done (the Krylov space does not depend on ``sigma``).
+        v0: start vector ``(n,)`` or warm-start block ``(n, p)`` (e.g. the eigenvectors of an
+            earlier call; complex columns contribute their real and imaginary parts). The block
+            is orthonormalized and folded into ``block_size`` start columns with equal weight.
+            Default: random (from ``generator``).
+        ncv: basis size; default ``min(max(2k + block_size, 20, k + 1 + 2 block_size), n)``, which
+            is CuPy's/SciPy's ``min(max(2k + 1, 20), n)`` for ``block_size = 1``. Must satisfy
+            ``k + block_size < ncv <= n``.
+        maxiter: maximum number of restarts; default ``min(max(100, 10 n), 10000)`` (ARPACK's
+            ``10 n``, capped).
+        tol: relative tolerance: converged when the Ritz estimate is
+            ``<= tol * max(|z|, eps**(2/3))`` (ARPACK's test; or below the rounding floor
+            ``eps ||H||_F``). Default ``1e-8`` (float64) / ``1e-4`` (float32); ``0`` means
+            machine epsilon (as SciPy).
+        left: also compute left eigenvectors ``y^H A = z y^H``, by a second Krylov-Schur run on
+            the adjoint (``A.rmatvec``), matched to the right eigenvalues (``z`` with the adjoint's
+            ``conj(z)``). Costs about as many adjoint applications as the right run.
+        block_size: ``s > 1`` runs block Krylov-Schur: ``s`` columns per ``A.matmat`` call.
+        generator: ``torch.Generator`` for the random start and breakdown vectors.
+        strict: raise :class:`ConvergenceError` (carrying ``.result``) instead of returning a
+            partially converged result.
+
+    Returns:
+        :class:`EigResult` (``n_matvec`` excludes the certification matvecs, which are counted in
+        ``n_matvec_certify``).
+
+    Cost:
+        ``n_matvec`` operator applications, ``O(n ncv)`` device flops per matvec for the
+        Gram-Schmidt, ``O(n ncv p)`` per restart, ``O(ncv^3)`` host flops per restart; memory
+        ``n (ncv + s)`` entries on the device.
+
+    Example:
+        >>> import torch, kappa_gpu as kg
+        >>> from kappa_gpu.solvers import eigs
+        >>> A = kg.aslinearoperator(torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64)))
+        >>> r = eigs(A, k=3, generator=torch.Generator().manual_seed(0))
+        >>> r.eigenvalues.real.round(decimals=6)
+        tensor([50., 49., 48.], dtype=torch.float64)
+        >>> r.converged_all, r.residuals.max() < 1e-6
+        (True, tensor(True))
+    """
+    t0 = time.perf_counter()
+    A = as_operator(A, "eigs")
+    n = A.shape[0]
+    s = check_int("block_size", block_size, 1, ">= 1")
+    k = check_int("k", k, 1, f"with 0 < k < n - {s} (n = {n})")
+    if not k < n - s:
+        bs = "" if s == 1 else f", block_size = {s}"
+        lim = "n - 1" if s == 1 else "n - block_size"
+        raise ValueError(
+            f"`k` must satisfy 0 < k < {lim} (n = {n}{bs}), got k = {k}; for k >= n - 1 use a "
+            "dense solver (torch.linalg.eig on A.to_dense())"
+        )
+    if which not in EIGS_WHICH:
+        hint = " (use eigsh for symmetric operators)" if which in ("LA", "SA", "BE") else ""
+        raise ValueError(
+            f"`which` must be one of {', '.join(repr(w) for w in EIGS_WHICH)} for eigs, got "
+            f"{which!r}{hint}"
+        )
+    sigma = check_sigma(sigma)
+    if ncv is None:
+        ncv = min(max(2 * k + s, 20, k + 1 + 2 * s), n)
+    ncv = check_int("ncv", ncv, 1, f"with k + {s} < ncv <= n (k = {k}, n = {n})")
+    if not (k + s < ncv <= n):
+        raise ValueError(
+            f"`ncv` must satisfy k + {'block_size' if s > 1 else '1'} < ncv <= n (k = {k}, "
+            f"n = {n}), got ncv = {ncv}; the default min(max(2k + 1, 20), n) is a good choice"
+        )
+    maxiter = default_maxiter(n) if maxiter is None else check_int("maxiter", maxiter, 1, ">= 1")
+    tol = resolve_tol(tol, A.dtype)
+    if left and not _has_adjoint(A):
+        raise NotImplementedError(
+            "eigs(left=True) needs the adjoint of the operator (rmatvec); build the operator "
+            "with one (aslinearoperator(..., rmatvec=...)) or call with left=False"
+        )
+    X0, _ = start_block(v0, A, s, generator, "eigs")
+
+    run = _ks_run(A, k, which, sigma, X0, ncv, maxiter, tol, s, generator, "eigs")
+    X = ritz_vectors(run.basis.columns(run.m), run.coeffs, complex_out=True)
+    res, n_cert = true_residuals(A, X, run.theta, run.partner)
+    converged = run.converged.copy()
+    nwant = len(run.theta)
+    if run.nconv >= nwant:
+        status = (
+            f"eigs: converged: {nwant} eigenpairs to tol={tol:.1e} in {run.basis.n_matvec} "
+            f"matvecs, {run.basis.n_restarts} restarts"
+        )
+    else:
+        status = not_converged_message(
+            "eigs", run.nconv, nwant, run.basis.n_restarts, run.basis.n_matvec, maxiter, ncv, tol
+        )
+    if run.basis.n_breakdowns:
+        status += f"; {run.basis.n_breakdowns} invariant subspace(s) found (random restart)"
+
+    Y, left_res, n_rmv = None, None, 0
+    if left:
+        try:
+            At = A.T
+            v0_left = None if v0 is None else v0
+            X0l, _ = start_block(v0_left, At, s, generator, "eigs(left=True)")
+            runl = _ks_run(
+                At, nwant, which, sigma, X0l, ncv, maxiter, tol, s, generator, "eigs(left=True)"
+            )
+        except NotImplementedError as e:
+            raise NotImplementedError(
+                f"eigs(left=True) needs the adjoint of the operator (rmatvec): {e}"
+            ) from e
+        n_rmv = runl.basis.n_matvec
+        idx, dist = _match_left(run.theta, runl.theta)
+        # The adjoint eigenvector for conj(z_i) is the left eigenvector for z_i: A^T y = conj(z) y.
+        Yall = ritz_vectors(runl.basis.columns(runl.m), runl.coeffs[:, idx], complex_out=True)
+        Y = Yall
+        scale = np.maximum(np.abs(run.theta), conv_floor(A.dtype))
+        ok = (dist <= np.sqrt(max(tol, float(torch.finfo(A.dtype).eps))) * scale) & (
+            runl.converged[idx]
+        )
+        left_res, n_c2 = true_residuals(At, Y, np.conj(run.theta), run.partner)
+        n_cert += n_c2
+        if not ok.all():
+            bad = ", ".join(f"{complex(z):.6g}" for z in run.theta[~ok])
+            status += (
+                f"; left eigenvectors not found/converged for {bad} (the adjoint run converged "
+                f"to {runl.nconv} of {len(runl.theta)}); raise ncv or maxiter"
+            )
+        converged &= ok
+
+    result = EigResult(
+        eigenvalues=torch.as_tensor(run.theta, dtype=torch.complex128),
+        eigenvectors=X,
+        left_eigenvectors=Y,
+        residuals=torch.as_tensor(res, dtype=torch.float64),
+        ritz_estimates=torch.as_tensor(run.estimates, dtype=torch.float64),
+        converged=torch.as_tensor(converged, dtype=torch.bool),
+        n_matvec=run.basis.n_matvec,
+        n_restarts=run.basis.n_restarts,
+        seconds=time.perf_counter() - t0,
+        status=status,
+        hessenberg=run.hessenberg,
+        which=which,
+        sigma=sigma,
+        tol=tol,
+        n_rmatvec=n_rmv,
+        n_matvec_certify=n_cert,
+        left_residuals=None if left_res is None else torch.as_tensor(left_res),
+    )
+    if strict and not result.converged_all:
+        raise ConvergenceError(status, result)
+    return result

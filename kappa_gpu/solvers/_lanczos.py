@@ -1,0 +1,227 @@
+"""Thick-restart Lanczos for self-adjoint operators (Wu & Simon 2000), on any device.
+
+The Lanczos recurrence builds ``A V_m = V_{m+s} H`` with a symmetric Rayleigh quotient
+(tridiagonal, plus an "arrow" row/column coupling the kept Ritz vectors to the first new vector
+after a restart). At a restart the Ritz vectors of the ``p`` kept Ritz values are kept
+explicitly (thick restart: ``V_m Y_p``, Rayleigh quotient ``diag(theta_p)``, coupling ``B Y_p``),
+with ARPACK's ``dsaup2`` kept count ``p = k + min(nconv, (ncv - k) // 2)``. It is Krylov-Schur
+specialized to the symmetric case, with the eigen-decomposition of the small symmetric matrix
+(``scipy.linalg.eigh`` in float64 on the host) in place of a Schur reordering.
+
+Reorthogonalization:
+
+- ``"full"`` (default): classical Gram-Schmidt against the whole basis with DGKS refinement, as
+  ARPACK's ``dsaitr``; two ``(n x j)`` matrix-vector products per step on the device, negligible
+  next to a Hessian-vector product. The symmetric part of ``H`` is used (its antisymmetric part
+  is ``O(eps ||A||)`` rounding).
+- ``"selective"``: the local recurrence (previous two vectors, or the whole kept part on the first
+  step after a restart) plus Parlett-Scott selective orthogonalization against the Ritz vectors
+  that have converged to ``sqrt(eps)`` (the only directions in which orthogonality is lost). Keeps
+  semi-orthogonality, hence eigenvalues accurate to ``O(eps ||A||)``. ``block_size = 1`` only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from kappa_gpu._linop import LinearOperator
+from kappa_gpu.solvers._basis import KrylovBasis
+from kappa_gpu.solvers._common import (
+    as_operator,
+    check_int,
+    conv_floor,
+    default_maxiter,
+    not_converged_message,
+    resolve_tol,
+    ritz_vectors,
+    start_block,
+    true_residuals,
+)
+from kappa_gpu.solvers._dense import sym_ritz
+from kappa_gpu.solvers._result import ConvergenceError, EigResult
+from kappa_gpu.solvers._which import EIGSH_WHICH, kept_count, order_real
+
+__all__ = ["eigsh"]
+
+_REORTH = ("full", "selective")
+
+
+def eigsh(
+    A: LinearOperator,
+    k: int = 6,
+    *,
+    which: str = "LA",
+    v0: torch.Tensor | np.ndarray | None = None,
+    ncv: int | None = None,
+    maxiter: int | None = None,
+    tol: float | None = None,
+    reorth: str = "full",
+    block_size: int = 1,
+    generator: torch.Generator | None = None,
+    strict: bool = False,
+) -> EigResult:
+    """``k`` eigenpairs of a self-adjoint operator by thick-restart Lanczos.
+
+    The counterpart of ``scipy.sparse.linalg.eigsh`` (without shift-invert) on torch tensors
+    on any device. The operator is assumed symmetric (``A^T = A``); this is not checked (it would
+    cost matvecs): only its symmetric part is seen.
+
+    Args:
+        A: square self-adjoint :class:`~kappa_gpu.LinearOperator` (float32/float64).
+        k: number of wanted eigenvalues, ``0 < k < n`` (``k <= n - block_size`` for blocks).
+        which: ``"LA"``/``"SA"`` (largest/smallest algebraic), ``"LM"``/``"SM"`` (largest/smallest
+            magnitude; "SM" is interior and slow without inversion), ``"BE"`` (both ends: the
+            ``ceil(k/2)`` largest and ``floor(k/2)`` smallest, as ARPACK).
+        v0: start vector ``(n,)`` or warm-start block ``(n, p)`` (e.g. the eigenvectors of the
+            previous training step), orthonormalized and folded into ``block_size`` columns with
+            equal weight. Default: random (from ``generator``).
+        ncv: basis size; default ``min(max(2k + block_size, 20, k + 2 block_size), n)`` (SciPy's
+            ``min(max(2k + 1, 20), n)`` for ``block_size = 1``); ``k + block_size <= ncv <= n``.
+        maxiter: maximum number of restarts; default ``min(max(100, 10 n), 10000)``.
+        tol: relative tolerance on the Ritz estimate ``|b^T y_i| <= tol * max(|theta_i|,
+            eps**(2/3))`` (ARPACK's test; or below the rounding floor ``eps max|theta|``);
+            default ``1e-8`` (float64) / ``1e-4`` (float32); ``0`` means machine epsilon.
+        reorth: ``"full"`` or ``"selective"`` (see the module docstring).
+        block_size: ``s > 1``: block Lanczos, ``s`` columns per ``A.matmat`` (one batched HVP).
+        generator: ``torch.Generator`` for random start/breakdown vectors.
+        strict: raise :class:`ConvergenceError` if not all converged.
+
+    Returns:
+        :class:`EigResult` with real eigenvectors and complex128 eigenvalues (zero imaginary
+        part), sorted by ``which`` (``"BE"``: algebraically decreasing).
+
+    Cost:
+        ``n_matvec`` operator applications (plus ``k`` for the certificates), ``O(n ncv)``
+        device flops per step, memory ``n (ncv + s)`` entries on the device.
+    """
+    t0 = time.perf_counter()
+    A = as_operator(A, "eigsh")
+    n = A.shape[0]
+    s = check_int("block_size", block_size, 1, ">= 1")
+    k = check_int("k", k, 1, f"with 0 < k < n (n = {n})")
+    if not k <= n - s or (s == 1 and not k < n):
+        lim = "0 < k < n" if s == 1 else "0 < k <= n - block_size"
+        raise ValueError(
+            f"`k` must satisfy {lim} (n = {n}), got k = {k}; for k >= n use a dense solver "
+            "(torch.linalg.eigh on A.to_dense())"
+        )
+    if which not in EIGSH_WHICH:
+        hint = " (use eigs for 'LR'/'SR'/'LI')" if which in ("LR", "SR", "LI") else ""
+        raise ValueError(
+            f"`which` must be one of {', '.join(repr(w) for w in EIGSH_WHICH)} for eigsh, got "
+            f"{which!r}{hint}"
+        )
+    if reorth not in _REORTH:
+        raise ValueError(f"`reorth` must be 'full' or 'selective', got {reorth!r}")
+    if reorth == "selective" and s > 1:
+        raise ValueError("reorth='selective' supports block_size=1 only; use reorth='full'")
+    if ncv is None:
+        ncv = min(max(2 * k + s, 20, k + 2 * s), n)
+    ncv = check_int("ncv", ncv, 1, f"with k < ncv <= n (k = {k}, n = {n})")
+    if not (k + s <= ncv <= n):
+        lo = "k < ncv" if s == 1 else "k + block_size <= ncv"
+        raise ValueError(
+            f"`ncv` must satisfy {lo} <= n (k = {k}, n = {n}), got ncv = {ncv}; the default "
+            "min(max(2k + 1, 20), n) is a good choice"
+        )
+    maxiter = default_maxiter(n) if maxiter is None else check_int("maxiter", maxiter, 1, ">= 1")
+    tol = resolve_tol(tol, A.dtype)
+    X0, _ = start_block(v0, A, s, generator, "eigsh")
+    result = _trlan(A, k, which, X0, ncv, maxiter, tol, s, reorth, generator)
+    result.seconds = time.perf_counter() - t0
+    if strict and not result.converged_all:
+        raise ConvergenceError(result.status, result)
+    return result
+
+
+def _trlan(
+    A: LinearOperator,
+    k: int,
+    which: str,
+    X0: torch.Tensor,
+    ncv: int,
+    maxiter: int,
+    tol: float,
+    s: int,
+    reorth: str,
+    generator: torch.Generator | None,
+) -> EigResult:
+    basis = KrylovBasis(A, ncv, s, generator, "eigsh", reorth=reorth)
+    basis.start(X0)
+    floor = conv_floor(A.dtype)
+    noise = float(torch.finfo(A.dtype).eps)
+
+    def analyze(m: int):
+        H = basis.H
+        theta, Y = sym_ritz(H[:m, :m])
+        order = order_real(theta, which)
+        wanted = order[:k]
+        est = np.linalg.norm(H[m : m + s, :m] @ Y[:, wanted], axis=0)
+        conv = est <= np.maximum(
+            tol * np.maximum(np.abs(theta[wanted]), floor), noise * np.abs(theta).max()
+        )
+        return theta, Y, order, wanted, est, conv
+
+    state: dict = {}
+
+    def early(m: int) -> bool:
+        # Convergence inside the first cycle only, not after a breakdown (see eigs).
+        if m <= k or basis.n_restarts or basis.n_breakdowns:
+            return False
+        state["a"] = analyze(m)
+        return bool(state["a"][5].all())
+
+    while True:
+        m_full = basis.p + s * ((ncv - basis.p) // s)
+        state.clear()
+        m = basis.expand(m_full, stop=early)
+        theta, Y, order, wanted, est, conv = state["a"] if m < m_full else analyze(m)
+        nconv = int(conv.sum())
+        if nconv >= k or basis.n_restarts >= maxiter:
+            break
+        p = kept_count(k, nconv, m, cap=m - s if s == 1 else max(k, m - 2 * s), symmetric=True)
+        if s > 1:  # a block cycle is a low-degree filter: keep half the basis (as SLEPc)
+            p = max(p, min(m // 2, m - 2 * s))
+        keep = order[:p]
+        basis.restart(m, Y[:, keep], np.diag(theta[keep]), np.abs(theta[keep]))
+    H = basis.H
+    # Output: sorted by which ("BE": algebraically decreasing).
+    if which == "BE":
+        perm = np.argsort(-theta[wanted], kind="stable")
+        wanted, est, conv = wanted[perm], est[perm], conv[perm]
+    z = theta[wanted]
+    X = ritz_vectors(basis.columns(m), Y[:, wanted], complex_out=False)
+    res, n_cert = true_residuals(A, X, z.astype(np.complex128), None)
+    if nconv >= k:
+        status = (
+            f"eigsh: converged: {k} eigenpairs to tol={tol:.1e} in {basis.n_matvec} matvecs, "
+            f"{basis.n_restarts} restarts"
+        )
+    else:
+        status = not_converged_message(
+            "eigsh", nconv, k, basis.n_restarts, basis.n_matvec, maxiter, ncv, tol
+        )
+    if basis.n_breakdowns:
+        status += f"; {basis.n_breakdowns} invariant subspace(s) found (random restart)"
+    Hs = H[: m + s, :m].copy()
+    Hs[:m] = 0.5 * (Hs[:m] + Hs[:m].T)
+    return EigResult(
+        eigenvalues=torch.as_tensor(z.astype(np.complex128)),
+        eigenvectors=X,
+        left_eigenvectors=None,
+        residuals=torch.as_tensor(res, dtype=torch.float64),
+        ritz_estimates=torch.as_tensor(est, dtype=torch.float64),
+        converged=torch.as_tensor(conv, dtype=torch.bool),
+        n_matvec=basis.n_matvec,
+        n_restarts=basis.n_restarts,
+        seconds=0.0,
+        status=status,
+        hessenberg=Hs,
+        which=which,
+        sigma=None,
+        tol=tol,
+        n_matvec_certify=n_cert,
+    )

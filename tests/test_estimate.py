@@ -1,0 +1,333 @@
+"""estimate(): structured vs arnoldi vs dense oracles, known thresholds, exceptional points."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kappa_gpu as kg
+from kappa_gpu._estimate import estimate
+from kappa_gpu.operators import update_operator
+
+# ---------------------------------------------------------------------------------------------
+# factories
+
+
+class Quadratic(torch.nn.Module):
+    """loss = 1/2 theta^T A theta: the Hessian is A, prescribed."""
+
+    def __init__(self, n: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.theta = torch.nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.theta
+
+
+def quad_loss(out, A):
+    return 0.5 * out @ (A @ out)
+
+
+def quadratic_problem(lams, seed=0):
+    n = len(lams)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.as_tensor(lams, dtype=torch.float64)) @ Q.T
+    A = 0.5 * (A + A.T)
+    return Quadratic(n, seed), (torch.zeros(1, dtype=torch.float64), A)
+
+
+def mlp_problem(seed=0, d_in=4, width=6, n=32, act=torch.nn.Tanh, extra=()):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(d_in, width), *extra, act(), torch.nn.Linear(width, 1)
+    ).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    y = torch.sin(X.sum(1, keepdim=True))
+    return model, (X, y), torch.nn.MSELoss()
+
+
+def take_steps(model, opt, loss_fn, batch, steps=3):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        opt.step()
+    opt.zero_grad()
+
+
+def match(z_small, z_ref):
+    """Relative error of each z in z_small against its nearest reference eigenvalue."""
+    z_ref = np.asarray(z_ref)
+    return np.array([np.min(np.abs(z_ref - z)) / max(abs(z), 1e-300) for z in z_small])
+
+
+# ---------------------------------------------------------------------------------------------
+# structured vs arnoldi vs dense
+
+
+OPTIMIZERS = {
+    "heavy_ball": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.999)),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+def _sharpen(model, opt, loss_fn, batch, target=2.5):
+    """Scale the learning rate so the top curvature sits at ``a s = target``: the sharp modes
+    are then complex pairs (between the exceptional points), the leftmost eigenvalues of J."""
+    st = update_operator(model, opt, loss_fn, batch).structure()
+    sq = st.D.double().sqrt()
+    Ht = st.hessian.to_dense().double()
+    s_max = torch.linalg.eigvalsh(sq[:, None] * Ht * sq[None, :]).max().item()
+    a = float(st.a.reshape(-1)[0])
+    for g in opt.param_groups:
+        g["lr"] *= target / (a * s_max)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_structured_and_arnoldi_agree_with_dense(name):
+    model, batch, loss_fn = mlp_problem(seed=3)
+    opt = OPTIMIZERS[name](model.parameters())
+    take_steps(model, opt, loss_fn, batch, steps=5)
+    _sharpen(model, opt, loss_fn, batch)
+    k = 2
+    gen = torch.Generator().manual_seed(0)
+    rs = estimate(model, opt, loss_fn, batch, k=k, method="structured", tol=1e-12, generator=gen)
+    ra = estimate(
+        model,
+        opt,
+        loss_fn,
+        batch,
+        k=k,
+        method="arnoldi",
+        tol=1e-12,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert rs.method == "structured" and ra.method == "arnoldi"
+    assert rs.all_converged and ra.all_converged, (rs.message, ra.message)
+    # Dense oracle: numpy eig of the materialized operator.
+    J = update_operator(model, opt, loss_fn, batch).to_dense().numpy()
+    zd, Vd = np.linalg.eig(J)
+    assert np.max(match(rs.eigenvalues, zd)) < 1e-6
+    assert np.max(match(ra.eigenvalues, zd)) < 1e-6
+    # Same modes both ways: the 2k leftmost eigenvalues of J.
+    zs = np.sort_complex(rs.eigenvalues)
+    za = np.sort_complex(ra.eigenvalues)
+    np.testing.assert_allclose(zs, za, rtol=1e-6)
+    left = np.argsort(zd.real)[: 2 * k]
+    np.testing.assert_allclose(np.sort_complex(zd[left]), zs, rtol=1e-6)
+    # kappa_V of the same eigenvector set, three ways.
+    Vn = Vd[:, left] / np.linalg.norm(Vd[:, left], axis=0)
+    sv = np.linalg.svd(Vn, compute_uv=False)
+    kd = sv[0] / sv[-1]
+    assert rs.kappa_V == pytest.approx(kd, rel=1e-4)
+    assert ra.kappa_V == pytest.approx(kd, rel=1e-4)
+    # Eigenvalue condition numbers agree with the dense ones (scipy left eigenvectors).
+    import scipy.linalg as sla
+
+    w, vl, vr = sla.eig(J, left=True, right=True)
+    cond = {}
+    for i in left:
+        x = vr[:, i] / np.linalg.norm(vr[:, i])
+        y = vl[:, i] / np.linalg.norm(vl[:, i])
+        cond[i] = 1 / abs(np.vdot(y, x))
+    ref = np.array([cond[left[np.argmin(np.abs(w[left] - z))]] for z in rs.eigenvalues])
+    np.testing.assert_allclose(rs.condition_numbers, ref, rtol=1e-5)
+    # Residual certificates are real residuals and small.
+    assert np.all(rs.residuals < 1e-8) and np.all(ra.residuals < 1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# thresholds on quadratics
+
+
+@pytest.mark.parametrize("side", [-1, 1])
+def test_heavy_ball_stability_edge(side):
+    mu, lam_max = 0.9, 4.0
+    lams = np.concatenate([[lam_max], np.linspace(0.1, 2.0, 15)])
+    model, batch = quadratic_problem(lams)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=mu)
+    take_steps(model, opt, quad_loss, batch, 2)
+    eta = 2 * (1 + mu) / lam_max * (1 + side * 1e-3)
+    opt.param_groups[0]["lr"] = eta
+    rep = estimate(model, opt, quad_loss, batch, k=2)
+    assert rep.all_converged
+    assert (rep.spectral_radius > 1) == (side > 0)
+    assert (rep.stability_margin.min() < 0) == (side > 0)
+
+
+@pytest.mark.parametrize("side", [-1, 1])
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_adam_frozen_stability_edge(side, cls):
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    lams = np.concatenate([[5.0], np.linspace(0.1, 2.0, 15)])
+    model, batch = quadratic_problem(lams, seed=1)
+    opt = cls(model.parameters(), lr=1e-2, betas=(b1, b2), eps=eps, weight_decay=0.0)
+    take_steps(model, opt, quad_loss, batch, 3)
+    # D from the optimizer's state, independently of the package: next step t+1.
+    p = model.theta
+    st = opt.state[p]
+    t = float(st["step"]) + 1
+    g = batch[1] @ p.detach()
+    v = b2 * st["exp_avg_sq"] + (1 - b2) * g * g
+    denom = v.sqrt() / math.sqrt(1 - b2**t) + eps
+    D0 = 1e-2 / ((1 - b1**t) * denom)  # at lr = 1e-2
+    sq = D0.sqrt()
+    s0 = torch.linalg.eigvalsh(sq[:, None] * batch[1] * sq[None, :]).max().item()
+    # Cohen et al. 2022: (1 - b1) lambda_max(D H) = 2 (1 + b1), i.e. 38 / eta for b1 = 0.9.
+    lr_edge = 1e-2 * 2 * (1 + b1) / ((1 - b1) * s0)
+    opt.param_groups[0]["lr"] = lr_edge * (1 + side * 1e-3)
+    rep = estimate(model, opt, quad_loss, batch, k=2)
+    assert rep.all_converged
+    assert (rep.spectral_radius > 1) == (side > 0)
+
+
+def test_exceptional_point_scaling_and_at_ep():
+    mu = 0.9
+    ep = (1 + math.sqrt(mu)) ** 2
+    lams = np.concatenate([[1.0], np.linspace(0.05, 0.4, 15)])
+    model, batch = quadratic_problem(lams, seed=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=mu)
+    take_steps(model, opt, quad_loss, batch, 2)
+    kappas = []
+    for delta in (1e-2, 1e-3, 1e-4):
+        opt.param_groups[0]["lr"] = ep * (1 - delta)  # eta * lambda_max = EP (1 - delta)
+        rep = estimate(model, opt, quad_loss, batch, k=2)
+        kappas.append(rep.kappa_V)
+        assert rep.ep_which[0] == "upper"
+        assert rep.ep_ratio[0] == pytest.approx(-delta, rel=1e-6)
+    slopes = np.diff(np.log(kappas)) / np.diff(np.log([1e-2, 1e-3, 1e-4]))
+    np.testing.assert_allclose(slopes, -0.5, atol=0.05)
+    # Exactly at the EP: finite or inf, never NaN, never an exception; the mode is named.
+    opt.param_groups[0]["lr"] = ep
+    rep = estimate(model, opt, quad_loss, batch, k=2)
+    assert not math.isnan(rep.kappa_V)
+    assert rep.kappa_V > 1e5
+    assert rep.at_ep[0] or abs(rep.ep_ratio[0]) < 1e-12
+    assert not np.any(np.isnan(rep.eigenvalues))
+    json.dumps(rep.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# report, modes, non-interference, bad input
+
+
+def test_report_modes_both_and_json():
+    model, batch, loss_fn = mlp_problem(seed=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    take_steps(model, opt, loss_fn, batch)
+    rep = estimate(model, opt, loss_fn, batch, k=2, modes="both")
+    assert rep.modes == "both" and len(rep.eigenvalues) == 8
+    assert len(rep.curvatures) == 4
+    assert rep.curvatures[:2].min() > rep.curvatures[2:].max()
+    d = rep.to_dict()
+    text = json.dumps(d)
+    assert "kappa_V" in text and d["method"] == "structured"
+    # Transient growth: the kappa_V rho^t bound holds along the whole curve.
+    assert np.all(rep.growth_curve <= rep.kappa_bound_curve * (1 + 1e-8))
+    # Negative-curvature modes have z > 1: growth is unbounded and said so.
+    assert rep.spectral_radius > 1
+    assert not rep.growth_bounded and rep.transient_growth == math.inf
+    assert rep.kreiss_lower == math.inf
+    assert 1.0 <= rep.normalized_growth < math.inf
+    assert rep.message in rep.summary()
+    # The sharp modes alone are stable: finite growth, Kreiss bound below it (a theorem).
+    sharp = estimate(model, opt, loss_fn, batch, k=2)
+    assert sharp.spectral_radius < 1 and sharp.growth_bounded
+    assert 1.0 <= sharp.transient_growth < math.inf
+    assert sharp.kreiss_lower <= sharp.transient_growth * (1 + 1e-8)
+    assert np.all(sharp.growth_curve <= sharp.kappa_bound_curve * (1 + 1e-8))
+
+
+def test_adam_full_uses_arnoldi_and_matches_dense():
+    model, batch, loss_fn = mlp_problem(seed=7)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    take_steps(model, opt, loss_fn, batch, 5)
+    _sharpen(model, opt, loss_fn, batch, target=2.0)
+    rep = estimate(model, opt, loss_fn, batch, k=2, variant="full", tol=1e-12)
+    assert rep.method == "arnoldi" and rep.variant == "full"
+    J = update_operator(model, opt, loss_fn, batch, variant="full").to_dense().numpy()
+    zd = np.linalg.eigvals(J)
+    assert np.max(match(rep.eigenvalues, zd)) < 1e-6
+    assert rep.all_converged
+    with pytest.raises(ValueError, match="structured"):
+        estimate(model, opt, loss_fn, batch, k=2, variant="full", method="structured")
+
+
+def _snapshot(model, opt):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        copy.deepcopy(opt.state_dict()),
+        torch.get_rng_state().clone(),
+        [m.training for m in model.modules()],
+    )
+
+
+def _same(a, b):
+    sd_a, g_a, o_a, r_a, t_a = a
+    sd_b, g_b, o_b, r_b, t_b = b
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    for x, y in zip(g_a, g_b, strict=True):
+        assert (x is None and y is None) or torch.equal(x, y)
+    for pid in o_a["state"]:
+        for key, v in o_a["state"][pid].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(o_b["state"][pid][key]))
+    assert torch.equal(r_a, r_b) and t_a == t_b
+
+
+@pytest.mark.parametrize("method", ["structured", "arnoldi"])
+def test_estimate_changes_nothing(method):
+    model, batch, loss_fn = mlp_problem(
+        seed=9, extra=(torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.2))
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    take_steps(model, opt, loss_fn, batch)
+    loss_fn(model(batch[0]), batch[1]).backward()  # leave a .grad around
+    before = _snapshot(model, opt)
+    rep = estimate(model, opt, loss_fn, batch, k=2, method=method)
+    _same(before, _snapshot(model, opt))
+    assert np.isfinite(rep.spectral_radius)
+
+
+def test_warm_start_is_cheaper():
+    model, batch, loss_fn = mlp_problem(seed=11, width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    take_steps(model, opt, loss_fn, batch)
+    cold = estimate(model, opt, loss_fn, batch, k=4, tol=1e-10)
+    take_steps(model, opt, loss_fn, batch, 1)
+    warm = estimate(model, opt, loss_fn, batch, k=4, tol=1e-10, warm_start=cold)
+    recold = estimate(model, opt, loss_fn, batch, k=4, tol=1e-10)
+    np.testing.assert_allclose(
+        np.sort_complex(warm.eigenvalues), np.sort_complex(recold.eigenvalues), rtol=1e-7
+    )
+    assert warm.n_hvp < recold.n_hvp
+
+
+def test_bad_arguments():
+    model, batch, loss_fn = mlp_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    take_steps(model, opt, loss_fn, batch)
+    with pytest.raises(ValueError, match="method"):
+        estimate(model, opt, loss_fn, batch, method="magic")
+    with pytest.raises(ValueError, match="modes"):
+        estimate(model, opt, loss_fn, batch, modes="all")
+    with pytest.raises(ValueError, match="k must"):
+        estimate(model, opt, loss_fn, batch, k=0)
+    fresh = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pytest.raises(Exception, match="step"):
+        estimate(model, fresh, loss_fn, batch)
+
+
+def test_public_api_exports_estimate():
+    assert kg.estimate is estimate
+    assert kg.KappaReport is not None

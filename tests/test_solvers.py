@@ -1,0 +1,257 @@
+"""Krylov-Schur ``eigs`` against dense oracles on operators with KNOWN spectra.
+
+Eigenvectors are checked by residual ``||A x - z x||`` (never entry by entry), eigenvalues
+against the known spectrum and ``numpy.linalg.eig``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+import torch
+from conftest import TOL, cuda_only
+from test_solvers_problems import (
+    CountingOperator,
+    hb_spectrum,
+    heavy_ball_jacobian,
+    known_spectrum,
+    match_error,
+    nearly_defective,
+    wanted,
+)
+
+from kappa_gpu.diagnostics._conditioning import eigenvalue_condition_numbers, kappa_V
+from kappa_gpu.solvers import ConvergenceError, EigResult, eigs
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _check_result(r: EigResult, M: np.ndarray, rtol_res: float):
+    """Unit columns, conjugate pairs conjugate, reported residuals = recomputed residuals."""
+    X = r.eigenvectors.cpu().to(torch.complex128).numpy()
+    z = r.eigenvalues.numpy()
+    assert np.allclose(np.linalg.norm(X, axis=0), 1.0, atol=1e-12)
+    R = np.linalg.norm(M @ X - X * z, axis=0)
+    assert np.allclose(r.residuals.numpy(), R, rtol=1e-6, atol=1e-13 * np.linalg.norm(M, 2))
+    assert (R <= rtol_res * np.linalg.norm(M, 2)).all()
+    for i, zi in enumerate(z):
+        if zi.imag > 0:  # its conjugate follows, with the conjugate vector
+            assert z[i + 1] == np.conj(zi)
+            assert np.allclose(X[:, i + 1], np.conj(X[:, i]), atol=1e-14)
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e4])
+@pytest.mark.parametrize("which,k", [("LM", 6), ("LR", 4), ("LI", 4), ("SR", 3)])
+def test_eigs_known_spectrum(cond, which, k):
+    A, z = known_spectrum(200, cond, seed=1)
+    if which == "SR":  # the mirror image: a distinct leftmost group
+        A, z = -A, -z
+    r = eigs(CountingOperator(A), k=k, which=which, tol=1e-12, generator=_gen())
+    assert r.converged_all, r.status
+    want = wanted(z, which, k)
+    got = r.eigenvalues.numpy()
+    assert len(got) == len(want)
+    assert match_error(got, want) <= 1e-8
+    assert match_error(want, got) <= 1e-8
+    # ... and the same as dense LAPACK.
+    assert match_error(got, np.linalg.eigvals(A)) <= 1e-8
+    _check_result(r, A, rtol_res=1e-10)
+    assert r.eigenvalues.dtype == torch.complex128
+    assert r.eigenvectors.dtype == torch.complex128
+
+
+@pytest.mark.parametrize("ill", ["bulk", "all"])
+def test_eigs_cond_1e6(ill):
+    A, z = known_spectrum(200, 1e6, seed=2, ill=ill)
+    r = eigs(A, k=5, tol=1e-12, generator=_gen())
+    assert r.converged_all, r.status
+    got, want = r.eigenvalues.numpy(), wanted(z, "LM", 5)
+    dense = np.linalg.eigvals(A)
+    err, dense_err = match_error(got, want), match_error(want, dense)
+    if ill == "bulk":  # top eigenvalues well conditioned: 1e-8 holds
+        assert err <= 1e-8
+    else:  # every eigenvalue has condition ~1e6: as accurate as dense LAPACK (~2e-8 here)
+        assert err <= 3 * max(dense_err, 1e-12)
+    _check_result(r, A, rtol_res=1e-10)
+
+
+def test_eigs_nearly_defective_pair_kappa_V():
+    A, z, V = nearly_defective(200, 1e-4, seed=0)
+    ev, Xd = np.linalg.eig(A)
+    o = np.argsort(-np.abs(ev))[:2]
+    kv_dense = kappa_V(Xd[:, o])
+    assert 1.9e4 < kv_dense < 2.1e4
+    r = eigs(A, k=2, tol=1e-12, generator=_gen())
+    assert r.converged_all
+    assert match_error(r.eigenvalues.numpy(), np.array([2.0, 1.8])) <= 1e-8
+    assert abs(kappa_V(r.eigenvectors) - kv_dense) <= 1e-4 * kv_dense
+    # Already at the default tolerance kappa_V is right to ~1e-5.
+    r8 = eigs(A, k=2, generator=_gen())
+    assert abs(kappa_V(r8.eigenvectors) - kv_dense) <= 1e-4 * kv_dense
+
+
+def test_eigs_sigma_inside_cluster():
+    # J of heavy ball: bulk piles up at z ~ 1 and z ~ 0.9; sigma = 1 targets the modes farthest
+    # from the cluster (the sharp ones), as the generic path of the estimator does.
+    J, _ = heavy_ball_jacobian(hb_spectrum())
+    ev = np.linalg.eigvals(J)
+    for k in (2, 4):
+        r = eigs(J, k=k, which="LM", sigma=1.0, tol=1e-12, generator=_gen())
+        assert r.converged_all
+        got = r.eigenvalues.numpy()
+        assert match_error(got, wanted(ev, "LM", k, sigma=1.0)) <= 1e-8
+        d = np.abs(got - 1.0)
+        assert (np.diff(d) <= 1e-12).all()  # sorted by |z - sigma|, most wanted first
+        assert d.min() >= np.sort(np.abs(ev - 1.0))[::-1][len(got) - 1] - 1e-10
+        _check_result(r, J, rtol_res=1e-10)
+        assert r.sigma == 1.0
+
+
+def test_eigs_left_eigenvectors_and_condition_numbers():
+    A, z = known_spectrum(150, 1e3, seed=3)
+    op = CountingOperator(A)
+    r = eigs(op, k=5, tol=1e-12, left=True, generator=_gen())
+    assert r.converged_all, r.status
+    X = r.eigenvectors.numpy()
+    Y = r.left_eigenvectors.numpy()
+    zz = r.eigenvalues.numpy()
+    assert np.allclose(np.linalg.norm(Y, axis=0), 1.0)
+    # y^H A = z y^H
+    L = np.linalg.norm(Y.conj().T @ A - zz[:, None] * Y.conj().T, axis=1)
+    assert (L <= 1e-10 * np.linalg.norm(A, 2)).all()
+    assert np.allclose(r.left_residuals.numpy(), L, rtol=1e-6, atol=1e-12 * np.linalg.norm(A, 2))
+    assert r.n_rmatvec > 0 and op.rcount >= r.n_rmatvec
+    # Eigenvalue condition numbers as dense LAPACK's.
+    w, vl, vr = sla.eig(A, left=True, right=True)
+    idx = [int(np.argmin(np.abs(w - t))) for t in zz]
+    c_dense = eigenvalue_condition_numbers(vr[:, idx], vl[:, idx]).numpy()
+    c = eigenvalue_condition_numbers(r.eigenvectors, r.left_eigenvectors).numpy()
+    assert np.allclose(c, c_dense, rtol=1e-6)
+    assert (c > 1.0).all()
+    assert np.allclose(X.conj().T @ X, (X.conj().T @ X).conj().T)
+
+
+def test_eigs_float32(device):
+    A, z = known_spectrum(200, 1e2, seed=4)
+    op = CountingOperator(A, device=device, dtype=torch.float32)
+    r = eigs(op, k=4, generator=_gen())  # default float32 tol = 1e-4
+    assert r.tol == 1e-4
+    assert r.converged_all, r.status
+    assert r.eigenvectors.dtype == torch.complex64
+    assert r.eigenvectors.device.type == torch.device(device).type
+    assert match_error(r.eigenvalues.numpy(), wanted(z, "LM", 4)) <= TOL[torch.float32]
+    X = r.eigenvectors.cpu().to(torch.complex128).numpy()
+    R = np.linalg.norm(A @ X - X * r.eigenvalues.numpy(), axis=0)
+    assert (R <= 1e-3 * np.linalg.norm(A, 2)).all()
+    assert np.allclose(r.residuals.numpy(), R, rtol=1e-2, atol=1e-5 * np.linalg.norm(A, 2))
+
+
+def test_eigs_device(device):
+    A, z = known_spectrum(120, 1e2, seed=5)
+    op = CountingOperator(A, device=device)
+    v0 = torch.ones(120, dtype=torch.float64, device=device)
+    r = eigs(op, k=3, v0=v0, tol=1e-10)
+    assert r.eigenvectors.device.type == torch.device(device).type
+    assert r.eigenvalues.device.type == "cpu" and r.residuals.device.type == "cpu"
+    assert r.converged_all
+    assert match_error(r.eigenvalues.numpy(), wanted(z, "LM", 3)) <= 1e-8
+
+
+@cuda_only
+def test_eigs_cuda_matches_cpu():
+    A, _ = known_spectrum(150, 1e3, seed=6)
+    v0 = torch.linspace(-1, 1, 150, dtype=torch.float64)
+    rc = eigs(CountingOperator(A), k=4, v0=v0, tol=1e-12, left=True)
+    rg = eigs(CountingOperator(A, device="cuda"), k=4, v0=v0.cuda(), tol=1e-12, left=True)
+    assert torch.allclose(rc.eigenvalues, rg.eigenvalues, rtol=1e-10)
+    assert rg.eigenvectors.is_cuda and rg.left_eigenvectors.is_cuda
+    assert abs(rc.n_matvec - rg.n_matvec) <= 2
+    assert np.isclose(kappa_V(rc.eigenvectors), kappa_V(rg.eigenvectors), rtol=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [2, 3])
+def test_eigs_block(block_size):
+    A, z = known_spectrum(200, 1e2, seed=7)
+    op = CountingOperator(A)
+    r = eigs(op, k=4, block_size=block_size, tol=1e-11, generator=_gen())
+    assert r.converged_all, r.status
+    assert match_error(r.eigenvalues.numpy(), wanted(z, "LM", 4)) <= 1e-8
+    _check_result(r, A, rtol_res=1e-10)
+    # All iteration work went through batched applications.
+    assert op.matmat_calls * block_size >= r.n_matvec
+    assert r.hessenberg.shape[0] == r.hessenberg.shape[1] + block_size
+
+
+def test_eigs_invariant_subspace_breakdown():
+    # v0 in a 3-dimensional invariant subspace that does NOT hold the largest eigenvalues:
+    # Arnoldi breaks down after 3 steps and must go on with a random vector.
+    n = 60
+    d = np.concatenate([[0.5, 0.4, 0.3], np.linspace(1.0, 3.0, n - 3)])
+    A = np.diag(d)
+    v0 = torch.zeros(n, dtype=torch.float64)
+    v0[:3] = 1.0
+    r = eigs(A, k=3, v0=v0, tol=1e-12, generator=_gen())
+    assert r.converged_all
+    assert np.allclose(np.sort(r.eigenvalues.real.numpy()), [d[-3], d[-2], d[-1]])
+    assert "invariant subspace" in r.status
+
+
+def test_eigs_whole_space():
+    A, z = known_spectrum(12, 10.0, seed=8)
+    r = eigs(A, k=4, ncv=12, generator=_gen(), tol=1e-12)  # ncv = n: an exact factorization
+    assert r.converged_all
+    assert match_error(r.eigenvalues.numpy(), wanted(z, "LM", 4)) <= 1e-10
+
+
+def test_eigs_pairs_never_split():
+    A, z = known_spectrum(100, 10.0, seed=9, top=(3.0, 2.0 + 1.0j))
+    r = eigs(A, k=2, tol=1e-10, generator=_gen())  # the 2nd wanted is half a pair
+    assert r.k == 3
+    z3 = r.eigenvalues.numpy()
+    assert z3[1] == np.conj(z3[2])
+    assert np.isfinite(kappa_V(r.eigenvectors))
+
+
+def test_eigs_hessenberg_is_the_rayleigh_quotient():
+    A, z = known_spectrum(100, 10.0, seed=10)
+    r = eigs(A, k=3, tol=1e-12, generator=_gen())
+    H = r.hessenberg
+    m = H.shape[1]
+    assert H.shape == (m + 1, m) and H.dtype == np.float64
+    ritz = np.linalg.eigvals(H[:m])
+    assert match_error(r.eigenvalues.numpy(), ritz) <= 1e-12
+
+
+def test_eigs_not_converged_keeps_partial_and_says_what_to_raise():
+    A, _ = known_spectrum(300, 1e2, seed=11, top=(), radius=1.0)  # no gap at all
+    r = eigs(A, k=6, ncv=14, maxiter=2, tol=1e-14, generator=_gen())
+    assert not r.converged_all
+    assert r.n_restarts == 2
+    for word in ("maxiter", "ncv", "tol"):
+        assert word in r.status
+    assert r.eigenvectors.shape[1] == r.k and torch.isfinite(r.residuals).all()
+    with pytest.raises(ConvergenceError) as info:
+        eigs(A, k=6, ncv=14, maxiter=2, tol=1e-14, generator=_gen(), strict=True)
+    assert isinstance(info.value.result, EigResult)
+    assert not info.value.result.converged_all
+
+
+def test_eigs_counts_and_repr():
+    A, _ = known_spectrum(100, 10.0, seed=12)
+    op = CountingOperator(A)
+    r = eigs(op, k=3, tol=1e-10, generator=_gen())
+    assert op.count == r.n_matvec + r.n_matvec_certify
+    assert r.n_matvec_certify == r.k  # one per real eigenvalue, two per pair shared by 2
+    assert "converged" in repr(r) and r.seconds > 0
+
+
+def test_eigs_smallest_distance_to_sigma():
+    # "SM": interior target, no inversion; fine on a small operator with ncv = n / 2.
+    A, z = known_spectrum(60, 10.0, seed=13)
+    r = eigs(A, k=2, which="SM", sigma=2.25, ncv=30, tol=1e-10, generator=_gen())
+    assert r.converged_all
+    d = np.sort(np.abs(z - 2.25))
+    assert np.allclose(np.sort(np.abs(r.eigenvalues.numpy() - 2.25))[:2], d[:2], rtol=1e-8)

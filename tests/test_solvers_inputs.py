@@ -1,0 +1,167 @@
+"""Input validation at the door: messages state the constraint and the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kappa_gpu as kg
+from kappa_gpu.solvers import eigs, eigsh
+
+
+def _op(n=14, seed=0):
+    M = np.random.default_rng(seed).standard_normal((n, n))
+    return kg.aslinearoperator(torch.from_numpy(M + M.T))
+
+
+@pytest.mark.parametrize("k", [13, 14, 20])
+def test_eigs_k_too_large(k):
+    with pytest.raises(ValueError, match=r"`k` must satisfy 0 < k < n - 1 \(n = 14\)"):
+        eigs(_op(), k=k)
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_k_not_positive(k):
+    with pytest.raises(ValueError, match="`k`"):
+        eigs(_op(), k=k)
+    with pytest.raises(ValueError, match="`k`"):
+        eigsh(_op(), k=k)
+
+
+def test_k_not_an_integer():
+    with pytest.raises(TypeError, match="`k` must be an integer"):
+        eigs(_op(), k=2.5)
+
+
+def test_eigsh_k_too_large():
+    with pytest.raises(ValueError, match=r"0 < k < n \(n = 14\)"):
+        eigsh(_op(), k=14)
+    assert eigsh(_op(), k=13, generator=torch.Generator().manual_seed(0)).k == 13
+
+
+@pytest.mark.parametrize("ncv", [5, 6, 15])
+def test_eigs_ncv_out_of_range(ncv):
+    with pytest.raises(ValueError, match=r"`ncv` must satisfy k \+ 1 < ncv <= n \(k = 5, n = 14\)"):
+        eigs(_op(), k=5, ncv=ncv)
+
+
+def test_eigsh_ncv_out_of_range():
+    with pytest.raises(ValueError, match=r"`ncv` must satisfy k < ncv <= n"):
+        eigsh(_op(), k=5, ncv=5)
+
+
+@pytest.mark.parametrize("which", ["XX", "lm", "LA"])
+def test_eigs_unknown_which(which):
+    with pytest.raises(ValueError, match="'LM', 'SM', 'LR', 'SR', 'LI'") as info:
+        eigs(_op(), k=2, which=which)
+    if which == "LA":
+        assert "eigsh" in str(info.value)
+
+
+def test_eigsh_unknown_which():
+    with pytest.raises(ValueError, match="'LA', 'SA', 'LM', 'SM', 'BE'"):
+        eigsh(_op(), k=2, which="LR")
+
+
+def test_not_square():
+    A = kg.aslinearoperator(torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"square operator, got shape \(3, 4\)"):
+        eigs(A, k=1)
+    with pytest.raises(ValueError, match="square operator"):
+        eigsh(A, k=1)
+
+
+def test_unsupported_dtype():
+    A = kg.aslinearoperator(torch.eye(5, dtype=torch.float16))
+    with pytest.raises(TypeError, match="float32 and float64"):
+        eigs(A, k=1)
+
+
+def test_nan_from_the_operator_names_the_matvec():
+    M = torch.from_numpy(np.random.default_rng(0).standard_normal((30, 30)))
+    calls = [0]
+
+    def mv(x):
+        calls[0] += 1
+        y = M @ x
+        if calls[0] == 3:
+            y[4] = float("nan")
+        return y
+
+    A = kg.aslinearoperator(mv, shape=(30, 30))
+    with pytest.raises(FloatingPointError, match=r"NaN or inf from matvec number 3 .*restart 0"):
+        eigs(A, k=2, generator=torch.Generator().manual_seed(0))
+    calls[0] = 0
+    with pytest.raises(FloatingPointError, match="matvec number 3"):
+        eigsh(A, k=2, generator=torch.Generator().manual_seed(0))
+
+
+def test_inf_from_the_operator():
+    A = kg.aslinearoperator(lambda x: x * float("inf"), shape=(10, 10))
+    with pytest.raises(FloatingPointError, match="matvec number 1"):
+        eigs(A, k=2)
+
+
+@pytest.mark.parametrize("shape", [(13,), (14, 2, 1), (15, 2), (14, 0)])
+def test_v0_wrong_shape(shape):
+    with pytest.raises(ValueError, match=r"`v0` must have shape \(14,\) or \(14, p\)"):
+        eigs(_op(), k=2, v0=torch.ones(shape, dtype=torch.float64))
+
+
+def test_v0_zero_or_nonfinite():
+    with pytest.raises(ValueError, match="`v0` is zero"):
+        eigs(_op(), k=2, v0=torch.zeros(14, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`v0` is zero"):
+        eigsh(_op(), k=2, v0=torch.zeros(14, 3, dtype=torch.float64))
+    v = torch.ones(14, dtype=torch.float64)
+    v[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        eigs(_op(), k=2, v0=v)
+
+
+def test_operator_returns_wrong_shape():
+    A = kg.aslinearoperator(lambda x: x[:-1], shape=(10, 10))
+    with pytest.raises(ValueError, match=r"matvec returned \(9,\).*expected \(10,\)"):
+        eigs(A, k=2)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(tol=-1.0), "`tol` must be a finite number >= 0"),
+        (dict(tol=float("nan")), "`tol`"),
+        (dict(maxiter=0), "`maxiter`"),
+        (dict(block_size=0), "`block_size`"),
+        (dict(sigma=1 + 2j), "`sigma` must be real"),
+        (dict(sigma="a"), "`sigma`"),
+    ],
+)
+def test_other_parameters(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        eigs(_op(), k=2, **kw)
+
+
+def test_eigsh_reorth_and_block():
+    with pytest.raises(ValueError, match="`reorth` must be 'full' or 'selective'"):
+        eigsh(_op(), k=2, reorth="partial")
+    with pytest.raises(ValueError, match="block_size=1 only"):
+        eigsh(_op(), k=2, reorth="selective", block_size=2)
+
+
+def test_left_needs_the_adjoint():
+    M = torch.from_numpy(np.random.default_rng(1).standard_normal((20, 20)))
+    A = kg.aslinearoperator(lambda x: M @ x, shape=(20, 20))  # no rmatvec
+    with pytest.raises(NotImplementedError, match=r"left=True\) needs the adjoint"):
+        eigs(A, k=2, left=True, generator=torch.Generator().manual_seed(0))
+
+
+def test_v0_on_another_device_or_numpy_is_accepted():
+    v0 = np.ones(14)
+    r = eigsh(_op(), k=2, v0=v0)
+    assert r.converged_all
+
+
+def test_tol_zero_means_machine_epsilon():
+    r = eigsh(_op(), k=2, tol=0, generator=torch.Generator().manual_seed(0))
+    assert r.tol == torch.finfo(torch.float64).eps and r.converged_all

@@ -1,0 +1,142 @@
+"""Thick-restart Lanczos ``eigsh`` against ``numpy.linalg.eigh``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TOL, cuda_only
+from test_solvers_problems import CountingOperator, powerlaw, symmetric_spectrum
+
+from kappa_gpu.solvers import ConvergenceError, eigsh
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _sym(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    top, bottom = [9.0, 8.0, 7.5, 7.0, 6.6], [-8.3, -7.2, -6.8]
+    s = np.concatenate([top, rng.uniform(-3.0, 3.0, n - 8), bottom])
+    return symmetric_spectrum(s, seed), np.sort(s)
+
+
+def _want(ev, which, k):
+    if which == "LA":
+        return ev[::-1][:k]
+    if which == "SA":
+        return ev[:k]
+    if which == "LM":
+        return ev[np.lexsort((-ev, -np.abs(ev)))][:k]
+    if which == "BE":
+        return np.sort(np.concatenate([ev[::-1][: (k + 1) // 2], ev[: k // 2]]))[::-1]
+    raise ValueError(which)
+
+
+@pytest.mark.parametrize("reorth", ["full", "selective"])
+@pytest.mark.parametrize("which,k", [("LA", 5), ("SA", 3), ("LM", 6), ("BE", 5), ("LA", 1)])
+def test_eigsh_vs_eigh(which, k, reorth):
+    S, s = _sym()
+    ev = np.linalg.eigvalsh(S)
+    op = CountingOperator(S)
+    r = eigsh(op, k=k, which=which, tol=1e-12, reorth=reorth, generator=_gen())
+    assert r.converged_all, r.status
+    z = r.eigenvalues.numpy()
+    assert r.eigenvalues.dtype == torch.complex128 and (z.imag == 0).all()
+    assert np.allclose(z.real, _want(ev, which, k), rtol=1e-10, atol=0)
+    assert np.abs(z.real - _want(s, which, k)).max() <= 1e-8 * np.abs(s).max()
+    X = r.eigenvectors.numpy()
+    assert not r.eigenvectors.is_complex()
+    assert np.allclose(np.linalg.norm(X, axis=0), 1.0)
+    R = np.linalg.norm(S @ X - X * z.real, axis=0)
+    assert np.allclose(r.residuals.numpy(), R, rtol=1e-6, atol=1e-14 * 9)
+    assert (R <= 1e-9 * 9).all()
+    assert np.abs(X.T @ X - np.eye(k)).max() <= 1e-8
+    assert op.count == r.n_matvec + r.n_matvec_certify
+
+
+def test_eigsh_clustered_top(device):
+    # A semicircle: the top of the spectrum is clustered, several restarts are needed.
+    rng = np.random.default_rng(3)
+    G = rng.standard_normal((400, 400))
+    S = (G + G.T) / np.sqrt(800)
+    ev = np.linalg.eigvalsh(S)
+    r = eigsh(CountingOperator(S, device=device), k=4, tol=1e-10, generator=_gen())
+    assert r.converged_all and r.n_restarts > 0
+    assert np.allclose(r.eigenvalues.real.numpy(), ev[::-1][:4], rtol=1e-12, atol=1e-12)
+    assert r.eigenvectors.device.type == torch.device(device).type
+
+
+@pytest.mark.parametrize("block_size", [2, 4])
+def test_eigsh_block(block_size):
+    S, _ = _sym(seed=1)
+    ev = np.linalg.eigvalsh(S)
+    op = CountingOperator(S)
+    r = eigsh(op, k=4, block_size=block_size, tol=1e-11, generator=_gen())
+    assert r.converged_all, r.status
+    assert np.allclose(r.eigenvalues.real.numpy(), ev[::-1][:4], rtol=1e-10)
+    assert op.matmat_calls * block_size >= r.n_matvec
+
+
+def test_eigsh_float32(device):
+    S, _ = _sym(seed=2)
+    ev = np.linalg.eigvalsh(S)
+    r = eigsh(CountingOperator(S, device=device, dtype=torch.float32), k=4, which="SA",
+              generator=_gen())
+    assert r.tol == 1e-4 and r.converged_all
+    assert r.eigenvectors.dtype == torch.float32
+    assert np.allclose(r.eigenvalues.real.numpy(), ev[:4], rtol=TOL[torch.float32])
+    X = r.eigenvectors.cpu().double().numpy()
+    R = np.linalg.norm(S @ X - X * r.eigenvalues.real.numpy(), axis=0)
+    assert (R <= 1e-3 * np.abs(ev).max()).all()
+
+
+def test_eigsh_hessian_like_spectrum_selective_equals_full():
+    s = powerlaw(500)
+    S = symmetric_spectrum(s, 4)
+    r1 = eigsh(S, k=8, tol=1e-10, generator=_gen())
+    r2 = eigsh(S, k=8, tol=1e-10, generator=_gen(), reorth="selective")
+    assert np.allclose(r1.eigenvalues.real.numpy(), np.sort(s)[::-1][:8], rtol=1e-10)
+    assert np.allclose(r2.eigenvalues.real.numpy(), r1.eigenvalues.real.numpy(), rtol=1e-10)
+    assert abs(r1.n_matvec - r2.n_matvec) <= 2
+
+
+def test_eigsh_not_converged_and_strict():
+    rng = np.random.default_rng(5)
+    G = rng.standard_normal((300, 300))
+    S = (G + G.T) / 2
+    r = eigsh(S, k=5, ncv=8, maxiter=1, tol=1e-14, generator=_gen())
+    assert not r.converged_all and "maxiter" in r.status and "ncv" in r.status
+    with pytest.raises(ConvergenceError) as info:
+        eigsh(S, k=5, ncv=8, maxiter=1, tol=1e-14, generator=_gen(), strict=True)
+    assert info.value.result.k == 5
+
+
+def test_eigsh_hessenberg_symmetric():
+    S, _ = _sym(seed=6)
+    r = eigsh(S, k=3, tol=1e-12, generator=_gen())
+    H = r.hessenberg
+    m = H.shape[1]
+    assert H.shape == (m + 1, m)
+    assert np.allclose(H[:m], H[:m].T)
+    assert np.allclose(np.sort(np.linalg.eigvalsh(H[:m]))[::-1][:3], r.eigenvalues.real.numpy())
+
+
+@cuda_only
+def test_eigsh_cuda_matches_cpu():
+    S, _ = _sym(seed=7)
+    v0 = torch.linspace(-1, 1, S.shape[0], dtype=torch.float64)
+    rc = eigsh(CountingOperator(S), k=5, v0=v0, tol=1e-12)
+    rg = eigsh(CountingOperator(S, device="cuda"), k=5, v0=v0.cuda(), tol=1e-12)
+    assert torch.allclose(rc.eigenvalues, rg.eigenvalues, rtol=1e-12)
+    assert rg.eigenvectors.is_cuda and abs(rc.n_matvec - rg.n_matvec) <= 2
+
+
+def test_eigsh_smallest_magnitude():
+    s = np.concatenate([[0.01, -0.02, 0.03], np.linspace(1.0, 5.0, 57)])
+    S = symmetric_spectrum(s, 8)
+    r = eigsh(S, k=3, which="SM", ncv=40, tol=1e-10, generator=_gen())
+    assert r.converged_all
+    assert np.allclose(np.sort(r.eigenvalues.real.numpy()), [-0.02, 0.01, 0.03], atol=1e-10)
+    assert np.abs(r.eigenvalues.real.numpy()).tolist() == sorted(np.abs(r.eigenvalues.real.numpy()))
