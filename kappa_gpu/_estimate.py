@@ -7,10 +7,16 @@ Two ways to the same modes (DESIGN.md section 3), which cross-check each other:
   right and left eigenvectors of J for those modes. Needs uniform block coefficients (SGD
   momentum/dampening/nesterov, Adam betas the same in every parameter group).
 * ``arnoldi`` -- Krylov-Schur directly on J (2n or 3n dimensional; any variant, Adam's full one
-  included). Targeted by curvature: sharp modes are the *leftmost* eigenvalues of J
-  (``Re z = (c + beta - a s) / 2`` decreases with s), negative-curvature modes the rightmost
-  (real z > 1), so ``which="SR"`` / ``"LR"``; where the structure exists the start block is the
-  structured modes' invariant subspace, so Arnoldi only refines.
+  included), targeted by curvature, not by |z| (DESIGN.md section 3). No ordering of z alone
+  does it: sharp complex pairs have |z| = sqrt(c beta) like the bulk, "SR" and "LM" around
+  (c + beta)/2 are beaten by strong negative curvature (whose small root lies below beta), "LI"
+  ranks pairs by Im z, which falls again past a s = c + beta. But the 2x2 block's
+  characteristic polynomial is linear in s, so every Ritz value z names its curvature
+  ``s(z) = -(z - c)(z - beta) / (a (z - beta) + a2 b)``; Krylov-Schur keeps the Ritz values of
+  largest Re s(z) (sharp) or smallest (negative), both roots of a mode alike. Without uniform
+  block coefficients it falls back to ``"SR"`` (sharp) / ``"LR"`` (negative). Where the
+  structure exists the start block is the structured modes' invariant subspace, so Arnoldi
+  refines instead of searching.
 """
 
 from __future__ import annotations
@@ -359,7 +365,18 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
 
 def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dict[str, Any]:
     N = op.shape[0]
-    which = "SR" if side == "sharp" else "LR"
+    coeffs = _coeffs(st)
+    if coeffs is not None:
+        # Rank Ritz values by the curvature they stand for (both roots of a mode alike).
+        sign = 1.0 if side == "sharp" else -1.0
+
+        def curvature_key(z: np.ndarray) -> np.ndarray:
+            return sign * np.real(_curvature_of(z, coeffs))
+
+        curvature_key.__name__ = "largest curvature" if side == "sharp" else "smallest curvature"
+        which = curvature_key
+    else:
+        which = "SR" if side == "sharp" else "LR"
     v0 = None
     if warm is not None and warm.shape[0] == N:
         v0 = warm
@@ -379,18 +396,15 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dict[s
                                                 device=B.device)], 0) for B in blocks]
         v0 = torch.cat(blocks, dim=1)
     kk = min(2 * k, N - 2)
-    res = eigs(op, k=kk, which=which, v0=v0, tol=tol, ncv=ncv, maxiter=maxiter, left=True,
-               generator=generator)
+    res = eigs(op, k=kk, which=which, v0=v0, tol=tol, ncv=ncv, maxiter=maxiter,
+               left=True, generator=generator)
     z = res.eigenvalues.detach().cpu().numpy().astype(np.complex128)
     X = res.eigenvectors
     Y = res.left_eigenvectors
     # Curvature of each Ritz value from the block's characteristic polynomial (uniform case):
     # s = -(z - c)(z - beta) / (a (z - beta) + a2 b).
-    coeffs = _coeffs(st)
     if coeffs is not None:
-        a, a2, b, beta, c = coeffs
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s_all = np.real(-(z - c) * (z - beta) / (a * (z - beta) + a2 * b))
+        s_all = np.real(_curvature_of(z, coeffs))
         # A complex pair is one mode; a real eigenvalue its own.
         keys = np.round(s_all, 10)
         uniq, mode_of = np.unique(keys, return_inverse=True)
@@ -406,7 +420,7 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dict[s
                 residuals=np.asarray(res.residuals.detach().cpu() if torch.is_tensor(
                     res.residuals) else res.residuals, dtype=np.float64),
                 converged=conv, Q=Qr, JQ=JQ, warm=warm_vecs,
-                target=f"which={which} on J (Krylov-Schur"
+                target=f"which={getattr(which, '__name__', which)} on J (Krylov-Schur"
                 f"{', started from the structured subspace' if v0 is not None else ''})",
                 hessenberg=getattr(res, "hessenberg", None), messages=[_msg(res)])
 
@@ -436,6 +450,16 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out["messages"] = sum((p["messages"] for p in parts), [])
     out["hessenberg"] = parts[0].get("hessenberg")
     return out
+
+
+def _curvature_of(z: np.ndarray, coeffs) -> np.ndarray:
+    """The curvature s whose 2x2 block has the eigenvalue z (its characteristic polynomial is
+    linear in s): s = -(z - c)(z - beta) / (a (z - beta) + a2 b). inf at the pole."""
+    a, a2, b, beta, c = coeffs
+    z = np.asarray(z, dtype=np.complex128)
+    den = a * (z - beta) + a2 * b
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den != 0, -(z - c) * (z - beta) / np.where(den != 0, den, 1), np.inf)
 
 
 def _cdtype(dt: torch.dtype) -> torch.dtype:

@@ -196,7 +196,9 @@ def eigs(
             split: if the ``k``-th wanted value is one half of a pair, ``k + 1`` are returned.
         which: ``"LM"`` (largest ``|z - sigma|``), ``"SM"`` (smallest ``|z - sigma|``; interior,
             slow without inversion), ``"LR"``/``"SR"`` (largest/smallest real part), ``"LI"``
-            (largest ``|Im z|``, ARPACK's meaning; finds the complex pairs).
+            (largest ``|Im z|``, ARPACK's meaning; finds the complex pairs), or a callable
+            ``key(z: complex ndarray) -> real ndarray`` (larger = more wanted; SLEPc's
+            user-defined target), e.g. the curvature a Ritz value stands for.
         sigma: real target shift for ``"LM"``/``"SM"``: the ordering is by ``|z - sigma|``. No
             inversion is done (the Krylov space does not depend on ``sigma``).
         v0: start vector ``(n,)`` or warm-start block ``(n, p)`` (e.g. the eigenvectors of an
@@ -251,7 +253,7 @@ def eigs(
             f"`k` must satisfy 0 < k < {lim} (n = {n}{bs}), got k = {k}; for k >= n - 1 use a "
             "dense solver (torch.linalg.eig on A.to_dense())"
         )
-    if which not in EIGS_WHICH:
+    if not callable(which) and which not in EIGS_WHICH:
         hint = " (use eigsh for symmetric operators)" if which in ("LA", "SA", "BE") else ""
         raise ValueError(
             f"`which` must be one of {', '.join(repr(w) for w in EIGS_WHICH)} for eigs, got "
@@ -336,7 +338,7 @@ def eigs(
         seconds=time.perf_counter() - t0,
         status=status,
         hessenberg=run.hessenberg,
-        which=which,
+        which=which if isinstance(which, str) else getattr(which, "__name__", "callable"),
         sigma=sigma,
         tol=tol,
         n_rmatvec=n_rmv,

@@ -18,7 +18,7 @@ EIGS_WHICH = ("LM", "SM", "LR", "SR", "LI")
 EIGSH_WHICH = ("LA", "SA", "LM", "SM", "BE")
 
 
-def order_complex(theta: np.ndarray, which: str, sigma: float | None) -> np.ndarray:
+def order_complex(theta: np.ndarray, which, sigma: float | None) -> np.ndarray:
     """Indices of complex Ritz values ``theta``, most wanted first.
 
     Ties (a conjugate pair has equal keys for every ``which`` with a real ``sigma``) are broken
@@ -27,7 +27,11 @@ def order_complex(theta: np.ndarray, which: str, sigma: float | None) -> np.ndar
     """
     s = 0.0 if sigma is None else float(sigma)
     d = theta - s
-    if which == "LM":
+    if callable(which):
+        # A user key (SLEPc's EPS_WHICH_USER): larger means more wanted.
+        key = -np.real(np.asarray(which(theta), dtype=np.complex128))
+        key = np.where(np.isfinite(key), key, np.inf)
+    elif which == "LM":
         key = -np.abs(d)
     elif which == "SM":
         key = np.abs(d)
