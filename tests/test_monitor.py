@@ -1,0 +1,446 @@
+"""KappaMonitor with a stub estimator: scheduling, failure isolation, warnings, outputs, budget.
+
+These tests do not depend on the eigen-solvers (the estimator is the ``estimator=`` hook); the
+end-to-end tests with the real :func:`kappa_gpu.estimate` are in ``test_monitor_estimate.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from kappa_gpu._monitor import KappaMonitor, KappaWarning, MonitorRecord, WarningRules
+from kappa_gpu._report import KappaReport
+
+
+def fake_report(
+    kappa: float = 10.0,
+    rho: float = 0.95,
+    *,
+    converged: bool = True,
+    n_hvp: int = 40,
+    seconds: float = 0.01,
+    ep_ratio=(0.5,),
+    ep_which=("upper",),
+    curvatures=(1.0,),
+    margins=(0.05,),
+    warm: torch.Tensor | None = None,
+) -> KappaReport:
+    m = len(curvatures)
+    kwargs = dict(
+        eigenvalues=np.full(2 * m, rho, dtype=np.complex128),
+        kappa_V=kappa,
+        condition_numbers=np.ones(2 * m),
+        spectral_radius=rho,
+        curvatures=np.asarray(curvatures, dtype=np.float64),
+        mode_of=np.repeat(np.arange(m), 2),
+        ep_ratio=np.asarray(ep_ratio, dtype=np.float64),
+        ep_which=list(ep_which),
+        discriminant=np.ones(m),
+        stability_margin=np.asarray(margins, dtype=np.float64),
+        at_ep=np.zeros(m, dtype=bool),
+        transient_growth=2.0,
+        growth_argmax=3,
+        growth_curve=np.ones(4),
+        growth_bounded=True,
+        kappa_bound_curve=np.ones(4),
+        kreiss_lower=1.5,
+        residuals=np.zeros(2 * m),
+        converged=np.full(2 * m, converged),
+        n_hvp=n_hvp,
+        seconds=seconds,
+        method="structured",
+        variant=None,
+        optimizer="sgd",
+        modes="sharp",
+        target="stub",
+        n_params=10,
+        state_dim=20,
+        tol=1e-4,
+        message="ok" if converged else "2 of 2 eigenvalues not converged",
+        warm_vectors=torch.zeros(10, 1) if warm is None else warm,
+    )
+    # Required fields added to KappaReport later get a neutral value.
+    for f in dataclasses.fields(KappaReport):
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in kwargs and no_default:
+            kwargs[f.name] = 1.0
+    return KappaReport(**kwargs)
+
+
+class StubEstimator:
+    """Records its calls; returns the reports of ``script`` in turn (or raises them)."""
+
+    def __init__(self, script=None):
+        self.script = list(script or [])
+        self.calls: list[dict] = []
+
+    def __call__(self, model, optimizer, loss_fn, batch, k, **kwargs):
+        self.calls.append(dict(kwargs, k=k, batch=batch))
+        item = self.script.pop(0) if self.script else fake_report()
+        if isinstance(item, BaseException):
+            raise item
+        return item() if callable(item) else item
+
+
+def setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = nn.functional.cross_entropy
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    return model, opt, loss_fn, batch
+
+
+def run(monitor: KappaMonitor, model, opt, loss_fn, batch, steps: int) -> list[MonitorRecord]:
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(batch[0]), batch[1])
+        loss.backward()
+        opt.step()
+        rec = monitor.step(batch, loss=loss)
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+def test_schedule_warmup_and_force():
+    model, opt, loss_fn, batch = setup()
+    est = StubEstimator()
+    mon = KappaMonitor(model, opt, loss_fn, every=5, warmup=10, estimator=est)
+    recs = run(mon, model, opt, loss_fn, batch, 22)
+    assert [r.step for r in recs] == [10, 15, 20]
+    assert mon.step(batch, force=True).step == 23
+    assert mon.step(batch, step=100) is not None  # explicit step numbers (framework counters)
+    assert mon.n_steps == 100 and len(mon.records) == 5
+    assert all(c["k"] == 8 and c["method"] == "auto" and c["modes"] == "sharp" for c in est.calls)
+
+
+def test_warm_start_passes_previous_report_and_private_generator():
+    model, opt, loss_fn, batch = setup()
+    reports = [fake_report(), fake_report(), fake_report()]
+    est = StubEstimator(list(reports))
+    mon = KappaMonitor(model, opt, loss_fn, every=2, estimator=est, seed=7)
+    recs = run(mon, model, opt, loss_fn, batch, 6)
+    assert est.calls[0]["warm_start"] is None
+    assert est.calls[1]["warm_start"] is reports[0]
+    assert est.calls[2]["warm_start"] is reports[1]
+    assert [r.warm_started for r in recs] == [False, True, True]
+    gens = [c["generator"] for c in est.calls]
+    assert all(isinstance(g, torch.Generator) for g in gens) and gens[0] is gens[1]
+    # The stored report drops its warm-start vectors (memory); last_report keeps them.
+    assert recs[-1].report.warm_vectors is None and mon.last_report is reports[2]
+
+
+def test_record_fields_and_loss():
+    model, opt, loss_fn, batch = setup()
+    mon = KappaMonitor(model, opt, loss_fn, every=1, estimator=StubEstimator())
+    opt.zero_grad()
+    loss = loss_fn(model(batch[0]), batch[1])
+    loss.backward()
+    opt.step()
+    rec = mon.step(batch, loss=loss)
+    assert rec.status == "ok" and rec.converged and rec.error is None
+    assert rec.loss == pytest.approx(loss.item())
+    assert (rec.rho, rec.kappa_V, rec.nearest_ep_ratio) == (0.95, 10.0, 0.5)
+    assert rec.transient_growth == 2.0 and rec.n_hvp == 40 and rec.seconds > 0
+    assert rec.min_stability_margin == 0.05
+    # Without a loss the monitor evaluates it on the batch (and leaves the RNG alone).
+    state = torch.get_rng_state()
+    rec2 = mon.step(batch)
+    assert torch.equal(state, torch.get_rng_state())
+    with torch.no_grad():
+        assert rec2.loss == pytest.approx(loss_fn(model(batch[0]), batch[1]).item(), rel=1e-6)
+    d = rec2.to_dict()
+    json.dumps(d)
+    assert d["status"] == "ok" and d["warnings"] == []
+
+
+def test_batch_callable_evaluated_only_when_due():
+    model, opt, loss_fn, batch = setup()
+    calls = []
+
+    def get():
+        calls.append(1)
+        return batch
+
+    mon = KappaMonitor(model, opt, loss_fn, every=3, estimator=StubEstimator())
+    for _ in range(7):
+        mon.step(get)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ValueError("operator failed"),
+        FloatingPointError("nan"),
+    ],
+)
+def test_exceptions_are_isolated_logged_once_and_counted(fault, caplog):
+    model, opt, loss_fn, batch = setup()
+    est = StubEstimator([fault, fault, fake_report()])
+    mon = KappaMonitor(model, opt, loss_fn, every=2, estimator=est)
+    with caplog.at_level(logging.DEBUG, logger="kappa_gpu"):
+        recs = run(mon, model, opt, loss_fn, batch, 6)
+    assert [r.status for r in recs] == ["error", "error", "ok"]
+    name = type(fault).__name__
+    assert recs[0].error == f"{name}: {fault}" and not recs[0].ok
+    assert mon.failures[name] == 2 and mon.n_failures == 2
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and name in r.message]
+    assert len(warned) == 1 and "step 2" in warned[0].message
+    # After a failure the next estimate starts cold.
+    assert est.calls[1]["warm_start"] is None and est.calls[2]["warm_start"] is None
+
+
+def test_strict_reraises():
+    model, opt, loss_fn, batch = setup()
+    mon = KappaMonitor(
+        model, opt, loss_fn, every=1, strict=True, estimator=StubEstimator([ValueError("boom")])
+    )
+    with pytest.raises(ValueError, match="boom"):
+        mon.step(batch)
+
+
+def test_nan_loss_on_the_monitor_batch_is_an_error_record():
+    model, opt, loss_fn, batch = setup()
+    est = StubEstimator()
+    mon = KappaMonitor(model, opt, loss_fn, every=1, estimator=est)
+    bad = (batch[0] * float("nan"), batch[1])
+    rec = mon.step(bad)
+    assert rec.status == "error" and "NonFiniteError" in rec.error and not est.calls
+    assert mon.step(batch).status == "ok"
+
+
+def test_unconverged_and_nan_results():
+    model, opt, loss_fn, batch = setup()
+    est = StubEstimator([fake_report(converged=False), fake_report(kappa=float("nan"))])
+    mon = KappaMonitor(model, opt, loss_fn, every=1, estimator=est)
+    r1, r2 = mon.step(batch), mon.step(batch)
+    assert r1.status == "unconverged" and not r1.converged and "not converged" in r1.message
+    assert r2.status == "error" and r2.error.startswith("NonFiniteResult")
+    assert mon.failures["NonFiniteResult"] == 1 and mon.last_report is None
+
+
+def test_kappa_jump_rule_and_on_warning():
+    model, opt, loss_fn, batch = setup()
+    kappas = [10, 12, 11, 9, 200, 12]
+    est = StubEstimator([fake_report(kappa=kv) for kv in kappas])
+    got: list[KappaWarning] = []
+    mon = KappaMonitor(
+        model,
+        opt,
+        loss_fn,
+        every=1,
+        estimator=est,
+        on_warning=got.append,
+        rules=WarningRules(kappa_factor=5, window=3, min_history=3),
+    )
+    recs = [mon.step(batch) for _ in kappas]
+    assert [len(r.warnings) for r in recs] == [0, 0, 0, 0, 1, 0]
+    w = recs[4].warnings[0]
+    assert w.rule == "kappa_jump" and w.value == 200 and w.threshold == 5 * 11
+    assert recs[4].kappa_baseline == 11 and math.isnan(recs[1].kappa_baseline)
+    assert got == [w] and mon.warnings == [w]
+
+
+def test_near_ep_and_stability_edge_rules():
+    model, opt, loss_fn, batch = setup()
+    reports = [
+        # near the upper EP (2% below it): fires near_ep only
+        fake_report(
+            ep_ratio=[-0.02, 0.5],
+            ep_which=["upper", "upper"],
+            curvatures=[3.0, 1.0],
+            margins=[0.05, 0.05],
+        ),
+        # near the lower EP: ignored by default
+        fake_report(ep_ratio=[0.01], ep_which=["lower"], curvatures=[0.01], margins=[0.05]),
+        # past the upper EP, real pair close to -1: stability_edge
+        fake_report(ep_ratio=[0.2], ep_which=["upper"], curvatures=[4.0], margins=[0.01]),
+        # unstable sharp mode
+        fake_report(ep_ratio=[0.5], ep_which=["upper"], curvatures=[5.0], margins=[-0.3]),
+        # negative curvature with z > 1: not an edge event
+        fake_report(ep_ratio=[np.nan], ep_which=["none"], curvatures=[-1.0], margins=[-0.01]),
+        # plain SGD (no EP): margin rule alone
+        fake_report(ep_ratio=[np.nan], ep_which=["none"], curvatures=[19.9], margins=[0.005]),
+    ]
+    mon = KappaMonitor(
+        model,
+        opt,
+        loss_fn,
+        every=1,
+        estimator=StubEstimator(reports),
+        rules=WarningRules(min_history=100),
+    )
+    rules = [[w.rule for w in mon.step(batch).warnings] for _ in reports]
+    assert rules == [
+        ["near_ep"],
+        [],
+        ["stability_edge"],
+        ["stability_edge"],
+        [],
+        ["stability_edge"],
+    ]
+
+
+def test_warning_rule_validation():
+    with pytest.raises(ValueError, match="kappa_factor"):
+        WarningRules(kappa_factor=0.5)
+    with pytest.raises(ValueError, match="ep_which"):
+        WarningRules(ep_which=("middle",))
+
+
+def test_on_warning_exception_is_isolated():
+    model, opt, loss_fn, batch = setup()
+
+    def bad(_):
+        raise RuntimeError("callback bug")
+
+    mon = KappaMonitor(
+        model,
+        opt,
+        loss_fn,
+        every=1,
+        on_warning=bad,
+        estimator=StubEstimator([fake_report(ep_ratio=[0.0])]),
+        rules=WarningRules(min_history=100),
+    )
+    rec = mon.step(batch)
+    assert rec.warnings and mon.failures["RuntimeError"] == 1
+
+
+def test_jsonl_csv_and_tensorboard_outputs(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install kappa-gpu[tensorboard]")
+    model, opt, loss_fn, batch = setup()
+    est = StubEstimator([fake_report(), ValueError("boom"), fake_report(kappa=float("inf"))])
+    with KappaMonitor(
+        model, opt, loss_fn, every=2, log_dir=tmp_path, csv=True, estimator=est
+    ) as mon:
+        run(mon, model, opt, loss_fn, batch, 6)
+    lines = [json.loads(x) for x in (tmp_path / "kappa_monitor.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6]
+    assert [x["status"] for x in lines] == ["ok", "error", "ok"]
+    assert lines[1]["error"] == "ValueError: boom" and lines[2]["kappa_V"] == "inf"
+    rows = list(csv.DictReader((tmp_path / "kappa_monitor.csv").open()))
+    assert [r["step"] for r in rows] == ["2", "4", "6"] and rows[0]["kappa_V"] == "10.0"
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("kappa/rho")] == [2, 6]
+
+
+def test_tensorboard_missing_warns_once(tmp_path, monkeypatch, caplog):
+    import sys
+
+    import kappa_gpu._monitor as m
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    monkeypatch.setattr(m, "_TB_MISSING_WARNED", False)
+    model, opt, loss_fn, batch = setup()
+    with caplog.at_level(logging.WARNING, logger="kappa_gpu"):
+        for _ in range(2):
+            mon = KappaMonitor(
+                model, opt, loss_fn, every=1, log_dir=tmp_path, estimator=StubEstimator()
+            )
+            assert mon.step(batch).status == "ok"
+            assert mon.step(batch).status == "ok"
+    msgs = [r.message for r in caplog.records if "TensorBoard" in r.message]
+    assert len(msgs) == 1 and "kappa-gpu[tensorboard]" in msgs[0]
+    assert (tmp_path / "kappa_monitor.jsonl").exists()
+
+
+def test_budget_sets_maxiter_from_measured_hvp_cost():
+    model, opt, loss_fn, batch = setup()
+    # 0.01 s per HVP measured; budget 1 s -> allowance 100 HVPs; ncv = 20, k = 8:
+    # maxiter = (100 - (20 + 16)) // 12 = 5.
+    reports = [fake_report(n_hvp=100, seconds=1.0), fake_report(converged=False), fake_report()]
+    est = StubEstimator(reports)
+    mon = KappaMonitor(
+        model, opt, loss_fn, every=1, budget_s=1.0, estimator=est, hvp_cost_factor=1e-9
+    )
+    recs = [mon.step(batch) for _ in range(3)]
+    assert est.calls[1]["maxiter"] == 5
+    assert recs[1].budget_limited and recs[1].maxiter == 5
+    assert not recs[2].budget_limited  # converged within the cap
+
+
+def test_overhead_accounting():
+    model, opt, loss_fn, batch = setup()
+    mon = KappaMonitor(model, opt, loss_fn, every=5, estimator=StubEstimator())
+    run(mon, model, opt, loss_fn, batch, 20)
+    ov = mon.overhead()
+    assert ov.n_steps == 20 and ov.n_estimates == 4 and ov.n_failures == 0
+    assert ov.train_seconds > 0 and ov.monitor_seconds > 0
+    assert ov.ratio == pytest.approx(ov.monitor_seconds / ov.train_seconds)
+    assert ov.n_hvp == 160 and "overhead" in str(ov)
+    assert mon.records[-1].overhead > 0
+
+
+def test_argument_validation():
+    model, opt, loss_fn, _ = setup()
+    with pytest.raises(ValueError, match="every"):
+        KappaMonitor(model, opt, loss_fn, every=0)
+    with pytest.raises(ValueError, match="budget_s"):
+        KappaMonitor(model, opt, loss_fn, budget_s=0)
+    with pytest.raises(ValueError, match="log_dir"):
+        KappaMonitor(model, opt, loss_fn, csv=True)
+    with pytest.raises(TypeError, match="set by the monitor"):
+        KappaMonitor(model, opt, loss_fn, generator=None)
+    with pytest.raises(TypeError, match="optimizer"):
+        KappaMonitor(model, "sgd", loss_fn)
+
+
+def test_profiler_range_around_estimates():
+    from torch.profiler import ProfilerActivity, profile
+
+    model, opt, loss_fn, batch = setup()
+    mon = KappaMonitor(model, opt, loss_fn, every=1, estimator=StubEstimator())
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        mon.step(batch)
+    assert any(e.name == "kappa_gpu.estimate" for e in prof.events())
+
+
+def test_wrapped_models_are_unwrapped():
+    from kappa_gpu._monitor import unwrap_model
+
+    model, opt, loss_fn, batch = setup()
+    assert unwrap_model(nn.DataParallel(model)) is model
+    assert unwrap_model(torch.compile(model)) is model
+    assert unwrap_model(model) is model
+    mon = KappaMonitor(nn.DataParallel(model), opt, loss_fn, estimator=StubEstimator())
+    assert mon.model is model and mon.active
+
+
+def test_rank_zero_only(monkeypatch):
+    import kappa_gpu._monitor as m
+
+    model, opt, loss_fn, batch = setup()
+    monkeypatch.setattr(m, "_distributed_rank", lambda: 1)
+    est = StubEstimator()
+    mon = KappaMonitor(model, opt, loss_fn, every=1, estimator=est)
+    assert not mon.active and mon.step(batch) is None and not est.calls
+    mon = KappaMonitor(model, opt, loss_fn, every=1, estimator=est, rank_zero_only=False)
+    assert mon.active and mon.step(batch) is not None
+
+
+def test_default_estimator_is_looked_up_at_call_time(monkeypatch):
+    import kappa_gpu._estimate as e
+
+    model, opt, loss_fn, batch = setup()
+    est = StubEstimator()
+    monkeypatch.setattr(e, "estimate", est)
+    mon = KappaMonitor(model, opt, loss_fn, every=1)
+    assert mon.step(batch).status == "ok" and len(est.calls) == 1
