@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from kappa_gpu._distributed import broadcast_generator, communicator_of
@@ -36,7 +37,6 @@ from kappa_gpu.diagnostics._conditioning import eigenvalue_condition_numbers, ka
 from kappa_gpu.diagnostics._transient import (
     kreiss_lower_bound,
     orthonormal_basis,
-    projected_operator,
     transient_growth,
 )
 from kappa_gpu.operators import update_operator
@@ -143,6 +143,12 @@ def estimate(
             model, optimizer, loss_fn, batch, variant="frozen", seed=seed, dtype=dtype,
             process_group=process_group,
         ).structure()
+    if frozen_structure is not None and not bool(torch.any(frozen_structure.D > 0)):
+        raise ValueError(
+            "the learning rate is 0 in every parameter group (or no parameter is reached by the "
+            "loss): the update does not move theta and J has no curvature modes to estimate; "
+            "estimate at a step with lr > 0"
+        )
     usable = structure is not None and structure.uniform
     if method == "structured" and not usable:
         why = (
@@ -176,20 +182,17 @@ def estimate(
         out = _merge(parts)
         target = ", ".join(p["target"] for p in parts)
 
-    X = out["X"]
     z = out["z"]
-    kv = float(kappa_V(X))
-    Y = out.get("Y")
-    cond = (
-        eigenvalue_condition_numbers(X, Y).detach().cpu().numpy().astype(np.float64)
-        if Y is not None
-        else np.full(len(z), np.nan)
-    )
+    cond = out["cond"]
     rho = float(np.max(np.abs(z))) if len(z) else float("nan")
+    # Everything below is small dense algebra on the real basis B of the computed invariant
+    # subspace (2n x p, p = 2k or 4k), its image J B and the coefficients C of the unit
+    # eigenvectors X = B C: never a complex 2n-row matrix. In float64, because kappa_V near an
+    # exceptional point is the conditioning of nearly parallel columns.
+    R, T = _basis_geometry(out["B"], out["JB"])
+    kv = float(kappa_V(torch.from_numpy(R @ out["C"])))
 
-    # Transient growth on the computed invariant subspace: T = Q^T J Q, Q orthonormal (real).
-    Q, JQ = out["Q"], out["JQ"]
-    T = projected_operator(JQ, Q)
+    # Transient growth on the computed invariant subspace: T = Q^T J Q with Q = B R^-1.
     tg = transient_growth(T, horizon=horizon)
     # Amplification beyond the spectral radius: max_t ||(T / rho)^t||, finite even when rho >= 1
     # (where max_t ||T^t|| is infinite and only the first `horizon` steps are shown).
@@ -298,69 +301,62 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
     S, sq = _sym_operator(st)
     n = S.shape[0]
     which = "LA" if side == "sharp" else "SA"
-    v0 = None
-    if warm is not None and warm.shape[0] == n:
-        v0 = warm
+    v0 = warm if warm is not None and warm.shape[0] == n else None
     res = eigsh(S, k=min(k, max(1, n - 2)), which=which, v0=v0, tol=tol, ncv=ncv,
                 maxiter=maxiter, generator=generator)
-    s = res.eigenvalues.real.double().cpu().numpy() if torch.is_tensor(res.eigenvalues) else (
-        np.real(np.asarray(res.eigenvalues)))
+    s = np.real(res.eigenvalues.detach().cpu().numpy()).astype(np.float64)
     W = res.eigenvectors.real if res.eigenvectors.is_complex() else res.eigenvectors
     W = W.to(op.dtype)
+    m = W.shape[1]
     U = sq[:, None] * W  # u = D^1/2 w
-    DinvU = W / sq[:, None]  # D^-1 u = D^-1/2 w
-    m = U.shape[1]
-    dev = U.device
+    # D^-1 u = D^-1/2 w; entries the loss does not reach have D = 0 and w = 0 there.
+    DinvU = torch.where(sq[:, None] > 0, W / torch.where(sq > 0, sq, 1)[:, None], 0)
+    lanczos_ok = np.asarray(res.converged, dtype=bool)
     if st.order == 1:
-        c = float(st.c.reshape(-1)[0])
-        a = float(st.a.reshape(-1)[0])
+        c, a = (float(t.reshape(-1)[0]) for t in (st.c, st.a))
         z = (c - a * s).astype(np.complex128)
-        X = U / torch.linalg.vector_norm(U, dim=0)
-        JX = op.matmat(X)
-        resid = torch.linalg.vector_norm(JX - X * torch.as_tensor(z.real, device=dev,
-                                                                  dtype=X.dtype), dim=0)
-        Q, JQ = X, JX
-        Y = X / st.D.to(X.dtype)[:, None]  # left eigenvectors of D Ht: D^-1 u
-        Y = Y / torch.linalg.vector_norm(Y, dim=0)
-        return dict(z=z, z_mode=z, s=s, mode_of=np.arange(m), X=X.to(_cdtype(X.dtype)),
-                    Y=Y.to(_cdtype(X.dtype)), residuals=resid.double().cpu().numpy(),
-                    converged=_conv(resid, z, tol, res.converged), Q=Q, JQ=JQ,
-                    warm=W, target=f"{which} of D^1/2 Ht D^1/2 (eigsh)",
-                    messages=[_msg(res)])
-    coeffs = [st.a, st.a2, st.b, st.beta, st.c]
-    a, a2, b, beta, c = (float(t.reshape(-1)[0]) for t in coeffs)
-    z, P = _blocks.block_eigen(s, a, a2, b, beta, c)  # (m, 2), (m, 2, 2)
-    X = _blocks.native_eigenvectors(P, U, DinvU, normalize=True)  # (2n, 2m) complex
-    # Left eigenvectors: J^T has the invariant subspace span{(D^-1 u, 0), (0, u)} carrying M^T.
-    Mt = np.swapaxes(_blocks.block_matrices(s, a, a2, b, beta, c), -1, -2)
-    Pl = np.empty_like(P)
-    for i in range(m):
-        for j in range(2):
-            Pl[i, :, j] = _null_vector(Mt[i] - np.conj(z[i, j]) * np.eye(2))
-    Y = _blocks.native_eigenvectors(Pl, DinvU, U, normalize=True)
-    # Certificates with the real operator: J(u,0) and J(0, D^-1 u) for every mode (2m matvecs,
-    # m of them with an HVP); every eigenvector is a combination of the two.
-    B0 = torch.cat([U, torch.zeros_like(U)], dim=0)
-    B1 = torch.cat([torch.zeros_like(U), DinvU], dim=0)
-    JB = op.matmat(torch.cat([B0, B1], dim=1))
-    J0, J1 = JB[:, :m], JB[:, m:]
-    Pc = torch.as_tensor(P, device=dev).to(_cdtype(op.dtype))  # (m, 2, 2)
-    # X columns are normalized: recover the normalization from the unnormalized combination.
-    Xraw = _blocks.native_eigenvectors(P, U, DinvU, normalize=False)
-    nrm = torch.linalg.vector_norm(Xraw, dim=0)
-    JX = (J0.to(Pc.dtype)[:, :, None] * Pc[None, :, 0, :]
-          + J1.to(Pc.dtype)[:, :, None] * Pc[None, :, 1, :]).reshape(JB.shape[0], 2 * m) / nrm
-    zf = torch.as_tensor(z.reshape(-1), device=dev).to(Pc.dtype)
-    resid = torch.linalg.vector_norm(JX - X * zf, dim=0)
-    Bq = torch.cat([B0, B1], dim=1)
-    Q, R = torch.linalg.qr(Bq)
-    JQ = torch.linalg.solve_triangular(R.mT, JB.mT, upper=False).mT  # JB R^-1
-    lanczos_ok = np.repeat(np.asarray(res.converged, dtype=bool), 2)
-    return dict(z=z.reshape(-1), z_mode=np.max(np.abs(z), axis=1), s=s,
-                mode_of=np.repeat(np.arange(m), 2), X=X, Y=Y,
-                residuals=resid.double().cpu().numpy(),
-                converged=_conv(resid, z.reshape(-1), tol, lanczos_ok), Q=Q, JQ=JQ, warm=W,
-                target=f"{which} of D^1/2 Ht D^1/2 (eigsh) + 2x2 blocks", messages=[_msg(res)])
+        B = U
+        JB = op.matmat(B)
+        C = np.eye(m, dtype=np.complex128)
+        # Left eigenvectors of c - a D Ht are D^-1 u: y^T x = w^T w = 1.
+        Cl = np.eye(m, dtype=np.complex128)
+        Bl_gram, cross = _gram(DinvU, DinvU), _gram(DinvU, U)
+        z2, mode_of = z, np.arange(m)
+        z_mode, target = np.abs(z), f"{which} of D^1/2 Ht D^1/2 (eigsh)"
+        conv_solver = lanczos_ok
+    else:
+        a, a2, b, beta, c = (float(t.reshape(-1)[0]) for t in (st.a, st.a2, st.b, st.beta, st.c))
+        zb, P = _blocks.block_eigen(s, a, a2, b, beta, c)  # (m, 2), (m, 2, 2)
+        # Basis (u_i, 0) for i < m, then (0, D^-1 u_i); eigenvector (i, r) = P[i,0,r] (u_i, 0) +
+        # P[i,1,r] (0, D^-1 u_i).
+        zero = torch.zeros_like(U)
+        B = torch.cat([torch.cat([U, zero], 0), torch.cat([zero, DinvU], 0)], 1)
+        # Certificates with the real operator: J(u,0) and J(0, D^-1 u) for every mode (2m
+        # matvecs); every eigenvector of the modes is a combination of them.
+        JB = op.matmat(B)
+        C = _block_coefficients(P)
+        # Left eigenvectors: J^T carries M^T on span{(D^-1 u, 0), (0, u)}.
+        Mt = np.swapaxes(_blocks.block_matrices(s, a, a2, b, beta, c), -1, -2)
+        Pl = np.empty_like(P)
+        for i in range(m):
+            for j in range(2):
+                Pl[i, :, j] = _null_vector(Mt[i] - np.conj(zb[i, j]) * np.eye(2))
+        Cl = _block_coefficients(Pl)
+        # Gram matrices of the left basis and of left-vs-right basis (block diagonal).
+        Bl_gram = _blockdiag(_gram(DinvU, DinvU), _gram(U, U))
+        cross = _blockdiag(_gram(DinvU, U), _gram(U, DinvU))
+        z2, mode_of = zb.reshape(-1), np.repeat(np.arange(m), 2)
+        z_mode, target = np.max(np.abs(zb), axis=1), (
+            f"{which} of D^1/2 Ht D^1/2 (eigsh) + 2x2 blocks")
+        conv_solver = np.repeat(lanczos_ok, 2)
+    G = _gram(B, B)
+    C = C / np.sqrt(np.real(np.einsum("ij,ik,kj->j", C.conj(), G, C)))[None, :]
+    Cl = Cl / np.sqrt(np.real(np.einsum("ij,ik,kj->j", Cl.conj(), Bl_gram, Cl)))[None, :]
+    cond = 1.0 / np.abs(np.einsum("ij,ik,kj->j", Cl.conj(), cross, C))
+    resid = _residuals(B, JB, C, z2)
+    return dict(z=z2, z_mode=z_mode, s=s, mode_of=mode_of, cond=cond, B=B, JB=JB, C=C,
+                residuals=resid, converged=_conv(resid, z2, tol, conv_solver), warm=W,
+                target=target, messages=[_msg(res)])
 
 
 def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dict[str, Any]:
@@ -412,44 +408,95 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dict[s
     else:
         mode_of = np.arange(len(z))
         s = np.full(len(z), np.nan)
-    Qr = orthonormal_basis(X)
-    JQ = op.matmat(Qr)
+    cond = eigenvalue_condition_numbers(X, Y).detach().cpu().numpy().astype(np.float64)
+    B = orthonormal_basis(X)
+    JB = op.matmat(B)
+    C = (B.to(X.dtype).mT @ X).detach().cpu().numpy().astype(np.complex128)
     conv = np.asarray(res.converged, dtype=bool)
-    warm_vecs = Qr
-    return dict(z=z, z_mode=np.abs(z), s=s, mode_of=np.asarray(mode_of), X=X, Y=Y,
-                residuals=np.asarray(res.residuals.detach().cpu() if torch.is_tensor(
-                    res.residuals) else res.residuals, dtype=np.float64),
-                converged=conv, Q=Qr, JQ=JQ, warm=warm_vecs,
+    resid = np.asarray(res.residuals.detach().cpu() if torch.is_tensor(res.residuals)
+                       else res.residuals, dtype=np.float64)
+    return dict(z=z, z_mode=np.abs(z), s=s, mode_of=np.asarray(mode_of), cond=cond, B=B, JB=JB,
+                C=C, residuals=resid, converged=conv, warm=B,
                 target=f"which={getattr(which, '__name__', which)} on J (Krylov-Schur"
                 f"{', started from the structured subspace' if v0 is not None else ''})",
                 hessenberg=getattr(res, "hessenberg", None), messages=[_msg(res)])
 
 
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join the sharp and negative sides: bases side by side, coefficients block-diagonal."""
     if len(parts) == 1:
         return parts[0]
     out: dict[str, Any] = {}
-    for key in ("z", "z_mode", "s", "residuals", "converged"):
+    for key in ("z", "z_mode", "s", "residuals", "converged", "cond"):
         out[key] = np.concatenate([p[key] for p in parts])
-    # Renumber modes so they are unique across sides.
-    mo, shift = [], 0
+    mo, shift = [], 0  # mode numbers unique across sides
     for p in parts:
         mo.append(p["mode_of"] + shift)
         shift += len(p["s"])
     out["mode_of"] = np.concatenate(mo)
-    out["X"] = torch.cat([p["X"] for p in parts], dim=1)
-    out["Y"] = (torch.cat([p["Y"] for p in parts], dim=1)
-                if all(p.get("Y") is not None for p in parts) else None)
-    Qs = torch.cat([p["Q"] for p in parts], dim=1)
-    JQs = torch.cat([p["JQ"] for p in parts], dim=1)
-    # Re-orthonormalize the union (Q R = [Q1 Q2]; J Q = J [Q1 Q2] R^-1).
-    Q, R = torch.linalg.qr(Qs)
-    out["Q"] = Q
-    out["JQ"] = torch.linalg.solve_triangular(R.mT, JQs.mT, upper=False).mT
-    out["warm"] = torch.cat([p["warm"] for p in parts], dim=1)
+    for key in ("B", "JB", "warm"):
+        out[key] = torch.cat([p[key] for p in parts], dim=1)
+    out["C"] = scipy.linalg.block_diag(*(p["C"] for p in parts))
     out["messages"] = sum((p["messages"] for p in parts), [])
     out["hessenberg"] = parts[0].get("hessenberg")
     return out
+
+
+def _gram(A: torch.Tensor, B: torch.Tensor, chunk: int = 1 << 18) -> np.ndarray:
+    """A^T B in float64 (numpy), accumulated over row chunks: no full float64 copy of A or B."""
+    acc = torch.zeros(A.shape[1], B.shape[1], dtype=torch.float64, device=A.device)
+    for i in range(0, A.shape[0], chunk):
+        acc += A[i : i + chunk].double().mT @ B[i : i + chunk].double()
+    return acc.cpu().numpy()
+
+
+def _basis_geometry(B: torch.Tensor, JB: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """R with B = Q R (Q orthonormal) and T = Q^T J Q = R^-T (B^T J B) R^-1, in float64.
+
+    R comes from the Cholesky factor of the Gram matrix B^T B (p x p), which is accurate while
+    the basis is well conditioned -- it is by construction: (u, 0) and (0, D^-1 u) have
+    disjoint supports, and the u are D-orthogonal Lanczos vectors. Falls back to a Householder
+    QR of B if the Gram matrix is not numerically positive definite.
+    """
+    G = _gram(B, B)
+    try:
+        R = np.linalg.cholesky(G).T
+    except np.linalg.LinAlgError:
+        R = torch.linalg.qr(B.double(), mode="r")[1].cpu().numpy()
+    BtJB = _gram(B, JB)
+    Rinv_BtJB = scipy.linalg.solve_triangular(R, BtJB.T, trans="T").T  # (B^T J B) R^-1
+    T = scipy.linalg.solve_triangular(R, Rinv_BtJB, trans="T")  # R^-T (...)
+    return R, T
+
+
+def _block_coefficients(P: np.ndarray) -> np.ndarray:
+    """(m, 2, r) block-basis coefficients -> (2m, m r) coefficients in the basis
+    [(u_1,0) .. (u_m,0), (0,D^-1 u_1) .. (0,D^-1 u_m)], columns mode-major."""
+    m, _, r = P.shape
+    C = np.zeros((2 * m, m * r), dtype=np.complex128)
+    for i in range(m):
+        C[i, i * r : (i + 1) * r] = P[i, 0, :]
+        C[m + i, i * r : (i + 1) * r] = P[i, 1, :]
+    return C
+
+
+def _blockdiag(*blocks: np.ndarray) -> np.ndarray:
+    return scipy.linalg.block_diag(*blocks)
+
+
+def _residuals(B: torch.Tensor, JB: torch.Tensor, C: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """||J x - z x|| for x = B c (C's columns), in real arithmetic on B's device."""
+    dt, dev = B.dtype, B.device
+    Cz = C * np.asarray(z)[None, :]
+
+    def t(M):
+        return torch.from_numpy(np.ascontiguousarray(M)).to(device=dev, dtype=dt)
+
+    r_re = JB @ t(C.real) - B @ t(Cz.real)
+    r_im = JB @ t(C.imag) - B @ t(Cz.imag)
+    r = torch.sqrt(torch.linalg.vector_norm(r_re.double(), dim=0) ** 2
+                   + torch.linalg.vector_norm(r_im.double(), dim=0) ** 2)
+    return r.cpu().numpy()
 
 
 def _curvature_of(z: np.ndarray, coeffs) -> np.ndarray:
@@ -475,8 +522,8 @@ def _null_vector(M: np.ndarray) -> np.ndarray:
     return v / nv if nv > 0 else np.array([1.0, 0.0], dtype=M.dtype)
 
 
-def _conv(resid: torch.Tensor, z: np.ndarray, tol: float, solver_ok) -> np.ndarray:
-    r = resid.double().cpu().numpy()
+def _conv(resid: np.ndarray, z: np.ndarray, tol: float, solver_ok) -> np.ndarray:
+    r = np.asarray(resid, dtype=np.float64)
     ok = r <= np.sqrt(tol) * np.maximum(np.abs(z), 1.0)
     return ok & np.asarray(solver_ok, dtype=bool)
 

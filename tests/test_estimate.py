@@ -331,3 +331,33 @@ def test_bad_arguments():
 def test_public_api_exports_estimate():
     assert kg.estimate is estimate
     assert kg.KappaReport is not None
+
+
+def test_zero_learning_rate_is_a_clear_error():
+    model, batch, loss_fn = mlp_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    take_steps(model, opt, loss_fn, batch)
+    opt.param_groups[0]["lr"] = 0.0  # e.g. the last step of a linear schedule
+    with pytest.raises(ValueError, match="learning rate is 0"):
+        estimate(model, opt, loss_fn, batch)
+
+
+def test_parameter_the_loss_does_not_reach_is_finite():
+    net, batch, loss_fn = mlp_problem(seed=13)
+
+    class WithUnused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.unused = torch.nn.Linear(2, 2).double()  # no gradient: D = 0 on its entries
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = WithUnused()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    take_steps(model, opt, loss_fn, batch)
+    rep = estimate(model, opt, loss_fn, batch, k=2)
+    assert rep.all_converged and np.isfinite(rep.kappa_V)
+    J = update_operator(model, opt, loss_fn, batch).to_dense().numpy()
+    assert np.max(match(rep.eigenvalues, np.linalg.eigvals(J))) < 1e-6
