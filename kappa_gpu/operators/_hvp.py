@@ -37,12 +37,20 @@ Determinism and non-interference (what every product sees):
   one at the new point.
 - Parameters are as the training step sees them; every parameter not differentiated (frozen,
   or not in ``params``) is a constant.
+
+Under ``torch.distributed`` (details in :mod:`kappa_gpu._distributed`): a
+``DistributedDataParallel`` model is unwrapped to ``model.module`` (``DataParallel`` and
+``torch.compile`` wrappers too), each rank differentiates its own loss on its own batch, and the
+gradient and every product are averaged over the process group (one ``all_reduce`` each, after
+an all-gather of a status row so that all ranks raise together when one fails). FSDP/FSDP2 and
+other DTensor-sharded models raise :class:`UnsupportedConfigurationError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -50,6 +58,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
+from kappa_gpu._distributed import Communicator, checksum, resolve_model
 from kappa_gpu._linop import LinearOperator
 from kappa_gpu.operators._validate import (
     BatchError,
@@ -93,9 +102,11 @@ class _HVPEngine:
         *,
         seed: int = 0,
         dtype: torch.dtype | None = None,
+        process_group: Any = None,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model, group = resolve_model(model, process_group)
         if not callable(loss_fn):
             raise TypeError(
                 f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}"
@@ -152,6 +163,10 @@ class _HVPEngine:
             raise ValueError(f"dtype must be a real floating point dtype, got {dtype}")
         self.dtype = dtype
         self._primals = tuple(p.detach() for p in params)
+        # the process group the gradient and the products are averaged over (None: local)
+        self.comm: Communicator | None = (
+            Communicator(group, self.device) if group is not None else None
+        )
 
         # Running statistics of normalization layers in train mode: passed as None, so the batch
         # statistics are used (as in training) and nothing is written.
@@ -254,6 +269,11 @@ class _HVPEngine:
                     "switch it back or build a new operator"
                 )
 
+    def _log(self, msg: str, *args: Any) -> None:
+        """Log at INFO on the ``kappa_gpu`` logger (on the group's first rank only)."""
+        if self.comm is None or self.comm.rank == 0:
+            logger.info(msg, *args)
+
     # -- gradient at build time (validates the batch and the point) ----------------------
     def gradient(self) -> torch.Tensor:
         """Loss and gradient at the current point, flattened in the engine's dtype.
@@ -262,7 +282,67 @@ class _HVPEngine:
         batch. Also finds the buffers a forward pass mutates, and the parameters the loss does
         not reach (``unused``: their autograd gradient is None, so ``optimizer.step()`` after
         ``zero_grad()`` skips them).
+
+        Under a process group the loss and the gradient are averaged over the ranks (a
+        parameter is unused only if it is unused on every rank), after the ranks have agreed
+        that none failed and that they hold the same parameters; every rank then runs the same
+        checks on the same numbers, so they raise (or not) together.
         """
+        err: Exception | None = None
+        local = None
+        try:
+            local = self._local_gradient()
+        except Exception as exc:
+            if self.comm is None:
+                raise
+            err = exc
+        if self.comm is None:
+            assert local is not None
+            loss, requires_grad, grads = local
+            note = ""
+            used = [g is not None for g in grads] if grads is not None else None
+            flat = None
+            if grads is not None:
+                flat = self.flatten(
+                    [
+                        torch.zeros_like(p) if g is None else g
+                        for g, p in zip(grads, self._primals, strict=True)
+                    ]
+                )
+        else:
+            loss, requires_grad, flat, used, note = self._average_gradient(err, local)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteError(
+                f"the loss is {loss.item()} at the current point{note}; the linearized update "
+                "is undefined there. Check the batch and the model (has training diverged?), or "
+                "analyse an earlier checkpoint"
+            )
+        self.loss_value = float(loss.item())
+        if not requires_grad:
+            raise NoTrainableParametersError(
+                "the loss does not depend on any of the differentiated parameters; check that "
+                "the optimizer holds the parameters model(inputs) uses"
+            )
+        assert flat is not None and used is not None
+        self.unused = [not u for u in used]
+        o = 0
+        finite = bool(torch.isfinite(flat).all())  # one device sync; find the culprit if not
+        for k, name in zip(self.numels, self.names, strict=True):
+            if not finite and not torch.isfinite(flat[o : o + k]).all():
+                raise NonFiniteError(
+                    f"the gradient of the loss is not finite in parameter {name!r} at the "
+                    f"current point (loss = {self.loss_value:.6g}){note}; the linearized update "
+                    "is undefined there. Check the model/loss for singular operations (sqrt/log "
+                    "at 0, division by 0) or analyse an earlier checkpoint"
+                )
+            o += k
+        return flat
+
+    def _local_gradient(
+        self,
+    ) -> tuple[torch.Tensor, bool, list[torch.Tensor | None] | None]:
+        """This process's ``(loss, loss.requires_grad, grads)``; ``grads`` is None when the
+        loss is not finite or reaches no parameter (the caller raises)."""
         leaves = [p.detach().requires_grad_(True) for p in self.params]
         clones = {n: b.detach().clone() for n, b in self._buffers.items()}
         v0 = {n: c._version for n, c in clones.items()}
@@ -270,33 +350,60 @@ class _HVPEngine:
             loss = self._loss(leaves, buffers=clones, wrap=True)
         self._mutable = {n for n, c in clones.items() if c._version != v0[n]}
         if self._mutable:
-            logger.info("buffers mutated by the forward pass, cloned per call: %s", self._mutable)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteError(
-                f"the loss is {loss.item()} at the current point; the linearized update is "
-                "undefined there. Check the batch and the model (has training diverged?), or "
-                "analyse an earlier checkpoint"
-            )
-        self.loss_value = float(loss.item())
-        if not loss.requires_grad:
-            raise NoTrainableParametersError(
-                "the loss does not depend on any of the differentiated parameters; check that "
-                "the optimizer holds the parameters model(inputs) uses"
-            )
+            self._log("buffers mutated by the forward pass, cloned per call: %s", self._mutable)
+        if not torch.isfinite(loss).all() or not loss.requires_grad:
+            return loss.detach(), bool(loss.requires_grad), None
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        self.unused = [g is None for g in grads]
-        for g, name in zip(grads, self.names, strict=True):
-            if g is not None and not torch.isfinite(g).all():
-                raise NonFiniteError(
-                    f"the gradient of the loss is not finite in parameter {name!r} at the "
-                    "current point (loss = {:.6g}); the linearized update is undefined there. "
-                    "Check the model/loss for singular operations (sqrt/log at 0, division by "
-                    "0) or analyse an earlier checkpoint".format(self.loss_value)
-                )
-        zeros = [
-            torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves, strict=True)
-        ]
-        return self.flatten(zeros)
+        return loss.detach(), True, list(grads)
+
+    def _average_gradient(
+        self,
+        err: Exception | None,
+        local: tuple[torch.Tensor, bool, list[torch.Tensor | None] | None] | None,
+    ) -> tuple[torch.Tensor, bool, torch.Tensor | None, list[bool] | None, str]:
+        """Collective: agree on failures, check the parameters match, average loss and grad.
+
+        Returns ``(mean loss, requires_grad, averaged flat gradient or None, used mask or
+        None, note for messages)``; every rank gets the same values, so the checks that
+        follow raise on all ranks or on none. Costs one all-gather of ``len(params) + 5``
+        numbers per rank and one all-reduce of the ``n``-vector gradient.
+        """
+        comm = self.comm
+        assert comm is not None
+        P = len(self.params)
+        grads = None
+        if err is None:
+            assert local is not None
+            loss, requires_grad, grads = local
+            used = [0.0] * P if grads is None else [float(g is not None) for g in grads]
+            row = [float(loss), float(requires_grad), *used, *checksum(self._primals)]
+        else:
+            row = [0.0] * (P + 4)
+        table = comm.exchange(err, "while computing the loss and the gradient", row)
+        comm.check_identical(
+            table[:, -2:],
+            "the parameters",
+            "DDP keeps them equal; was the optimizer stepped on some ranks only, or the model "
+            "changed on one rank?",
+        )
+        losses = table[:, 0].tolist()
+        bad = [comm.global_rank(i) for i, x in enumerate(losses) if not math.isfinite(x)]
+        note = f" (mean over {comm.world_size} ranks"
+        note += f"; not finite on ranks {bad})" if bad else ")"
+        mean = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+        requires_grad_all = bool((table[:, 1] != 0).all())
+        if bad or not requires_grad_all:
+            return mean, requires_grad_all, None, None, note  # every rank raises the same
+        assert grads is not None
+        flat = self.flatten(
+            [
+                torch.zeros_like(p) if g is None else g
+                for g, p in zip(grads, self._primals, strict=True)
+            ]
+        )
+        comm.average_(flat)
+        used_any = (table[:, 2 : 2 + P] != 0).any(dim=0).tolist()
+        return mean, True, flat, used_any, note
 
     # -- flatten / unflatten -------------------------------------------------------------
     def unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -316,7 +423,35 @@ class _HVPEngine:
 
     # -- products --------------------------------------------------------------------------
     def hvp(self, V: torch.Tensor) -> torch.Tensor:
-        """``H @ V`` for ``V`` of shape ``(n,)`` or ``(n, s)``; costs one HVP per column."""
+        """``H @ V`` for ``V`` of shape ``(n,)`` or ``(n, s)``; costs one HVP per column.
+
+        Under a process group: the mean over the ranks of their local products (a collective:
+        every rank must call it with the same ``V``). The ranks first exchange a failure flag
+        and a checksum of ``V``; if one failed or the ``V`` differ, all raise together.
+        """
+        if self.comm is None:
+            return self._local_hvp(V)
+        err: Exception | None = None
+        out = None
+        try:
+            out = self._local_hvp(V)
+        except Exception as exc:
+            err = exc
+        sums = self.comm.exchange(err, "in a Hessian-vector product", checksum(V))
+        self.comm.check_identical(
+            sums,
+            "the vectors the Hessian is applied to",
+            "Every rank must run the same solver on the same start vectors: pass the same "
+            "warm_start on every rank (the reports of earlier distributed estimates are), and the "
+            "same dtype, k, tol and solver settings",
+        )
+        assert out is not None
+        if out.numel() == 0:
+            return out
+        return self.comm.average_(out.contiguous())
+
+    def _local_hvp(self, V: torch.Tensor) -> torch.Tensor:
+        """This process's ``H @ V`` (its own loss and batch)."""
         self.check_fresh()
         s = 1 if V.ndim == 1 else V.shape[1]
         if s == 0:
@@ -330,7 +465,7 @@ class _HVPEngine:
                 if self.mode == FORWARD_OVER_REVERSE:
                     raise  # it worked before: a genuine error, not a missing forward-mode rule
                 self.fallback_reason = f"{type(err).__name__}: {err}"
-                logger.info(
+                self._log(
                     "forward-over-reverse HVP failed (%s); using reverse-over-reverse",
                     self.fallback_reason,
                 )
@@ -376,7 +511,7 @@ class _HVPEngine:
                 raise
             first = self._forward(V[:, 0])  # raises if forward mode itself is the problem
             self._vmap_ok = False
-            logger.info(
+            self._log(
                 "vmap over HVP columns failed (%s: %s); applying columns one by one",
                 type(err).__name__,
                 err,
@@ -430,6 +565,7 @@ class HessianOperator(LinearOperator):
 
     Attributes:
         n_hvp: HVP columns applied so far by every operator sharing this engine.
+        world_size: ranks of the process group the products are averaged over (1: local).
         hvp_mode: ``"forward-over-reverse"``, ``"reverse-over-reverse"``, or None before the
             first product.
         params: the differentiated parameters, in order.
@@ -466,6 +602,12 @@ class HessianOperator(LinearOperator):
     def loss(self) -> float | None:
         return self._engine.loss_value
 
+    @property
+    def world_size(self) -> int:
+        """Ranks the products are averaged over (1: no communication)."""
+        comm = self._engine.comm
+        return 1 if comm is None else comm.world_size
+
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
         h = self._engine.hvp(x)
         if self.sign != 1.0:
@@ -490,6 +632,7 @@ def hessian_operator(
     params: Sequence[torch.Tensor] | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    process_group: Any = None,
 ) -> HessianOperator:
     """The Hessian of ``loss_fn(model(inputs), targets)`` as a symmetric ``n x n`` operator.
 
@@ -502,6 +645,10 @@ def hessian_operator(
         seed: seeds the RNG in every product (dropout sees one fixed mask).
         dtype: dtype of the vectors (default: the parameters' dtype). Products are computed
             in the parameters' dtype and cast.
+        process_group: the ``torch.distributed`` process group to average the products over.
+            Default: the group of a ``DistributedDataParallel`` model, else none (see
+            :mod:`kappa_gpu._distributed`). Under a group, building and applying the operator
+            are collectives: call them on every rank of the group, in the same order.
 
     Returns:
         A :class:`HessianOperator`. Building it costs one gradient evaluation (it checks that
@@ -509,7 +656,9 @@ def hessian_operator(
         HVP per column.
 
     Raises:
-        NoTrainableParametersError, ParameterMismatchError, BatchError, NonFiniteError.
+        NoTrainableParametersError, ParameterMismatchError, BatchError, NonFiniteError;
+        UnsupportedConfigurationError for FSDP/FSDP2/DTensor-sharded models; DistributedError
+        when the ranks of the group disagree (or another rank failed).
 
     Example:
         >>> H = hessian_operator(model, torch.nn.functional.cross_entropy, (x, y))  # doctest: +SKIP
@@ -517,6 +666,8 @@ def hessian_operator(
     """
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
-    engine = _HVPEngine(model, loss_fn, batch, params, seed=seed, dtype=dtype)
+    engine = _HVPEngine(
+        model, loss_fn, batch, params, seed=seed, dtype=dtype, process_group=process_group
+    )
     engine.gradient()
     return HessianOperator(engine)

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from kappa_gpu._distributed import check_not_sharded
 from kappa_gpu._linop import LinearOperator
 from kappa_gpu.operators._hvp import HessianOperator, _HVPEngine
 from kappa_gpu.operators._validate import (
@@ -150,7 +151,8 @@ class UpdateOperator(LinearOperator):
         n_hvp: HVP columns applied so far (shared with ``structure().hessian``).
         hvp_mode: which HVP path is in use (see :mod:`kappa_gpu.operators._hvp`).
         params: the trainable parameters, in state order.
-        loss: the loss at the current point.
+        loss: the loss at the current point (the mean over the ranks under a process group).
+        world_size: ranks of the process group the products are averaged over (1: local).
         seed: the RNG seed every product uses.
     """
 
@@ -199,6 +201,12 @@ class UpdateOperator(LinearOperator):
     @property
     def loss(self) -> float | None:
         return self._engine.loss_value
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the products are averaged over (1: no communication)."""
+        comm = self._engine.comm
+        return 1 if comm is None else comm.world_size
 
     def __repr__(self) -> str:
         m = self.shape[0]
@@ -374,6 +382,7 @@ def update_operator(
     *,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    process_group: Any = None,
 ) -> UpdateOperator:
     """The exact linearized update ``J`` of ``optimizer.step()`` at the current point.
 
@@ -392,6 +401,11 @@ def update_operator(
             ``(theta, exp_avg)``) or ``"full"`` (exact, state ``(theta, exp_avg, exp_avg_sq)``).
         seed: every product runs with the RNG seeded with it (fixed dropout masks).
         dtype: dtype of the vectors (default: the parameters' dtype).
+        process_group: the ``torch.distributed`` process group whose ranks' gradients and
+            Hessian-vector products are averaged (the map DDP's training step applies).
+            Default: the group of a ``DistributedDataParallel``-wrapped ``model``, else no
+            communication. Building and applying the operator are then collectives: call
+            them on every rank of the group, in the same order, with the same vectors.
 
     Returns:
         An :class:`UpdateOperator`. Building it costs one gradient evaluation; each matvec and
@@ -411,6 +425,11 @@ def update_operator(
         - a parameter the loss does not reach (autograd gradient None) is skipped by
           ``optimizer.step()`` after ``zero_grad()``, so its rows of J are the identity (0 for
           state it never had); ``structure().active`` marks it;
+        - under ``torch.distributed`` (:mod:`kappa_gpu._distributed`): a DDP model is
+          unwrapped to ``model.module`` and each product is the mean over the ranks of the
+          products of their own losses on their own batches; with mean-reduced losses on
+          equal-size local batches that is the Hessian of the global-batch mean loss. The
+          optimizer state must be the same on every rank (it is under DDP training);
         - Adam's full variant: where ``v'`` is tiny (e.g. a bias feeding a BatchNorm, whose
           gradient is ~1e-17), ``q ~ m' / (denom^2 sqrt(v'))`` is huge but exact: the real step
           is that sensitive there.
@@ -418,12 +437,15 @@ def update_operator(
     Raises:
         UnsupportedOptimizerError: not SGD/Adam/AdamW.
         UnsupportedConfigurationError: amsgrad, mixed ``maximize`` across groups, a bad
-            ``variant``, parameters on several devices.
+            ``variant``, parameters on several devices, FSDP/FSDP2/DTensor-sharded models,
+            SyncBatchNorm in train mode under a process group.
         MissingOptimizerStateError: no momentum buffer / moments yet: take one step first.
         ParameterMismatchError: the optimizer's parameters are not the model's.
         NoTrainableParametersError: nothing with ``requires_grad=True``.
         BatchError: ``loss_fn(model(inputs), targets)`` fails on the batch.
         NonFiniteError: the loss or the gradient is not finite at the current point.
+        DistributedError: the ranks of the process group disagree (parameters, vectors) or
+            another rank failed; raised on every rank together.
 
     Example:
         >>> loss_fn = torch.nn.functional.cross_entropy
@@ -431,6 +453,7 @@ def update_operator(
         >>> J.matvec(J.state_vector())  # doctest: +SKIP
     """
     kind = check_optimizer_type(optimizer)
+    check_not_sharded(model)
     entries = [
         (p, group) for group in optimizer.param_groups for p in group["params"] if p.requires_grad
     ]
@@ -472,7 +495,9 @@ def update_operator(
     if needs_state and not any(optimizer.state.get(p, {}).get(key) is not None for p in params):
         _missing_state(optimizer, kind, params[0], groups[0])
 
-    engine = _HVPEngine(model, loss_fn, batch, params, seed=seed, dtype=dtype)
+    engine = _HVPEngine(
+        model, loss_fn, batch, params, seed=seed, dtype=dtype, process_group=process_group
+    )
     g = engine.gradient()
     # a parameter the loss does not reach gets grad None: optimizer.step() skips it
     active_list = [not u for u in engine.unused]

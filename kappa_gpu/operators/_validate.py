@@ -23,6 +23,7 @@ __all__ = [
     "NonFiniteError",
     "BatchError",
     "StaleOperatorError",
+    "DistributedError",
 ]
 
 
@@ -60,6 +61,14 @@ class BatchError(OperatorError, ValueError):
 
 class StaleOperatorError(OperatorError, RuntimeError):
     """The model changed (parameters stepped, train/eval mode switched) since the build."""
+
+
+class DistributedError(OperatorError, RuntimeError):
+    """Under ``torch.distributed``: another rank failed, or the ranks disagree on their inputs.
+
+    Raised on every rank of the process group together (see :mod:`kappa_gpu._distributed`), so
+    that no rank is left waiting in a collective.
+    """
 
 
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
