@@ -10,6 +10,12 @@ Estimating
     :func:`estimate` -> :class:`KappaReport` -- one call: kappa(V), exceptional points, transient
     growth and certificates for a model, its optimizer, a loss and a batch.
 
+In training jobs
+    :class:`KappaMonitor` -- ``monitor.step(batch)`` after ``optimizer.step()``: estimates every N
+    steps, warm-started, failure-isolated, with early-warning rules (:class:`WarningRules`,
+    :class:`KappaWarning`) and JSONL/CSV/TensorBoard logs; Lightning and Hugging Face callbacks in
+    :mod:`kappa_gpu.integrations`. DDP-wrapped models are supported (``process_group=``).
+
 Operators (solvers see only these)
     :class:`LinearOperator`, :func:`aslinearoperator` -- the one operator abstraction.
     :func:`update_operator` -> :class:`UpdateOperator` -- the exact Jacobian of one SGD / Adam /
@@ -31,6 +37,7 @@ Errors
 
 from kappa_gpu._estimate import estimate
 from kappa_gpu._linop import LinearOperator, aslinearoperator
+from kappa_gpu._monitor import KappaMonitor, KappaWarning, MonitorRecord, WarningRules
 from kappa_gpu._report import KappaReport
 from kappa_gpu.diagnostics import (
     eigenvalue_condition_numbers,
@@ -54,6 +61,10 @@ __version__ = "0.1.0"
 __all__ = [
     "estimate",
     "KappaReport",
+    "KappaMonitor",
+    "MonitorRecord",
+    "KappaWarning",
+    "WarningRules",
     "LinearOperator",
     "aslinearoperator",
     "update_operator",

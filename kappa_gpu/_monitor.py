@@ -30,6 +30,16 @@ What the monitor guarantees:
   estimator's message.
 * **Warm start.** Each estimate starts the eigen-solver from the previous successful estimate's
   Ritz vectors (``warm_start=previous_report``).
+* **DistributedDataParallel.** With a DDP-wrapped model (``torch.distributed`` initialized,
+  more than one rank) every rank takes part in each estimate (it is a collective: gradients and
+  HVPs are averaged over the ranks, see ``docs/multi_gpu.md``), so call :meth:`KappaMonitor.step`
+  on every rank, each with its own batch. Before each estimate the ranks agree (one tiny
+  collective): if preparing it failed on one rank, every rank records the failure instead of
+  entering the estimate; the budget's ``maxiter`` is rank 0's, and the recorded loss is the mean
+  over the ranks. Every rank gets the same record; only the group's rank 0 writes the files and
+  TensorBoard scalars and logs (``rank_zero_only=True``, the default), while ``on_warning`` runs
+  on every rank (so a reaction such as lowering the learning rate stays in sync). To estimate on
+  rank 0's batch alone instead, pass ``model.module``.
 * **Cost accounting.** ``seconds`` between consecutive :meth:`KappaMonitor.step` calls (minus
   the monitor's own time) count as training time; the monitor's own time inside ``step`` as
   monitor time. :meth:`KappaMonitor.overhead` gives the ratio. On CUDA the device is
@@ -85,6 +95,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kappa_gpu._distributed import agree_before_estimate, model_communicator
 from kappa_gpu._report import KappaReport, _jsonable
 
 __all__ = [
@@ -345,9 +356,10 @@ class KappaMonitor:
 
     Args:
         model: the model being trained (in the train/eval mode of the training step). A
-            ``DistributedDataParallel`` / ``DataParallel`` wrapper or a ``torch.compile``
-            module is unwrapped (:func:`unwrap_model`): the estimate runs the plain module on
-            one process, without collectives and without recompiling under ``torch.func``.
+            ``DistributedDataParallel`` model (initialized process group of more than one rank)
+            is estimated collectively on every rank (module docs). A ``DataParallel`` wrapper
+            or a ``torch.compile`` module is unwrapped (:func:`unwrap_model`): the estimate
+            runs the plain module on one process, without recompiling under ``torch.func``.
         optimizer: its ``torch.optim.SGD`` / ``Adam`` / ``AdamW``.
         loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar, as for ``estimate``.
         every: estimate at every step that is a multiple of ``every`` (and ``>= warmup``).
@@ -383,7 +395,9 @@ class KappaMonitor:
         warm_start: start each estimate from the previous one's Ritz vectors (set False to
             measure what the warm start saves).
         rank_zero_only: when ``torch.distributed`` is initialized, only the process of rank 0
-            estimates; elsewhere :meth:`step` returns ``None`` at once (:attr:`active`).
+            estimates; elsewhere :meth:`step` returns ``None`` at once (:attr:`active`). With a
+            DDP model every rank estimates (a collective) and this means: only the process
+            group's rank 0 writes files and TensorBoard scalars and logs.
         **estimate_kwargs: passed to the estimator (``variant``, ``tol``, ``ncv``, ``maxiter``,
             ``horizon``, ``dtype``, ``seed``...).
 
@@ -392,7 +406,9 @@ class KappaMonitor:
         warnings: every :class:`KappaWarning` raised.
         failures: ``Counter`` of caught exceptions by type name.
         last_report: the last successful :class:`KappaReport` (the next warm start).
-        active: False on non-zero ranks with ``rank_zero_only`` (the monitor does nothing).
+        active: False on non-zero ranks with ``rank_zero_only`` (the monitor does nothing);
+            always True with a DDP model (every rank takes part in the estimates).
+        writes: whether this process writes the files/TensorBoard scalars and logs.
     """
 
     def __init__(
@@ -425,7 +441,13 @@ class KappaMonitor:
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        # DDP with a process group of > 1 rank: estimates are collectives over that group, run
+        # on the wrapper (estimate unwraps it itself); None otherwise
+        self._comm = model_communicator(model)
+        self._estimate_model = model
         model = unwrap_model(model)
+        if self._comm is None:
+            self._estimate_model = model
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -467,7 +489,12 @@ class KappaMonitor:
         self.seed = int(seed)
         self.estimate_kwargs = dict(estimate_kwargs)
         self.warm_start = bool(warm_start)
-        self.active = not (rank_zero_only and _distributed_rank() != 0)
+        if self._comm is not None:
+            self.active = True  # every rank must enter every estimate
+            self.writes = not rank_zero_only or self._comm.rank == 0
+        else:
+            self.active = not (rank_zero_only and _distributed_rank() != 0)
+            self.writes = self.active
 
         self.records: collections.deque[MonitorRecord] = collections.deque(maxlen=max_records)
         self.warnings: list[KappaWarning] = []
@@ -664,16 +691,27 @@ class KappaMonitor:
         maxiter: int | None = None
         t0 = time.perf_counter()
         try:
-            if callable(batch) and not isinstance(batch, (tuple, list, torch.Tensor)):
-                batch = batch()
             device = self._device()
-            batch = _to_device(batch, device)
-            if device.type == "cuda":  # queued training kernels count as training time
-                torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-            loss_value = _as_float(loss) if loss is not None else float("nan")
-            if loss is None and self.compute_loss:
-                loss_value = self._loss_value(batch)
+            loss_value = float("nan")
+            failed: Exception | None = None
+            try:
+                if callable(batch) and not isinstance(batch, (tuple, list, torch.Tensor)):
+                    batch = batch()
+                batch = _to_device(batch, device)
+                if device.type == "cuda":  # queued training kernels count as training time
+                    torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                loss_value = _as_float(loss) if loss is not None else float("nan")
+                if loss is None and self.compute_loss:
+                    loss_value = self._loss_value(batch)
+                maxiter = self._budget_maxiter()
+            except Exception as exc:
+                if self._comm is None:
+                    raise
+                failed = exc  # raised below on every rank together
+            if self._comm is not None:
+                # DDP: all ranks enter the collective estimate or none does; one maxiter for all
+                loss_value, maxiter = agree_before_estimate(self._comm, failed, loss_value, maxiter)
             if not math.isfinite(loss_value) and loss is None:
                 from kappa_gpu.operators._validate import NonFiniteError
 
@@ -681,7 +719,6 @@ class KappaMonitor:
                     f"the loss on the monitor's batch is {loss_value} at step {step}; "
                     "skipping this estimate"
                 )
-            maxiter = self._budget_maxiter()
             kwargs = dict(self.estimate_kwargs)
             if maxiter is not None:
                 kwargs["maxiter"] = maxiter
@@ -690,7 +727,7 @@ class KappaMonitor:
                 from kappa_gpu._estimate import estimate as estimator
             with torch.profiler.record_function("kappa_gpu.estimate"), torch.enable_grad():
                 report = estimator(
-                    self.model,
+                    self._estimate_model,
                     self.optimizer,
                     self.loss_fn,
                     batch,
@@ -796,6 +833,8 @@ class KappaMonitor:
     def _count_failure(self, step: int, name: str, reason: str) -> None:
         """Count a failure; log the first of each type at WARNING, later ones at DEBUG."""
         self.failures[name] += 1
+        if not self.writes:
+            return
         if name not in self._logged_failure_types:
             self._logged_failure_types.add(name)
             logger.warning(
@@ -879,9 +918,12 @@ class KappaMonitor:
         """Write the record (JSONL, CSV, TensorBoard) and deliver its warnings; isolated."""
         for w in record.warnings:
             self.warnings.append(w)
-            logger.warning("kappa_gpu early warning [%s]: %s", w.rule, w.message)
-            if self.on_warning is not None:
+            if self.writes:
+                logger.warning("kappa_gpu early warning [%s]: %s", w.rule, w.message)
+            if self.on_warning is not None:  # on every rank: reactions stay in sync under DDP
                 self._isolated("on_warning callback", self.on_warning, w)
+        if not self.writes:
+            return
         if self.log_dir is not None:
             self._isolated("writing the JSONL/CSV record", self._write_files, record)
         if self._want_tb:

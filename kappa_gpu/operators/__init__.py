@@ -14,6 +14,7 @@ from kappa_gpu.operators._hvp import HessianOperator, hessian_operator
 from kappa_gpu.operators._update import BlockStructure, UpdateOperator, update_operator
 from kappa_gpu.operators._validate import (
     BatchError,
+    DistributedError,
     MissingOptimizerStateError,
     NonFiniteError,
     NoTrainableParametersError,
@@ -38,5 +39,6 @@ __all__ = [
     "NoTrainableParametersError",
     "NonFiniteError",
     "BatchError",
+    "DistributedError",
     "StaleOperatorError",
 ]
