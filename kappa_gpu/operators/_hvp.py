@@ -552,7 +552,35 @@ class _HVPEngine:
         return outs[0] if V.ndim == 1 else torch.stack(outs, dim=1)
 
 
-class HessianOperator(LinearOperator):
+class _EngineAttributes:
+    """Attributes every operator built on an :class:`_HVPEngine` (``self._engine``) exposes."""
+
+    _engine: _HVPEngine
+
+    @property
+    def n_hvp(self) -> int:
+        return self._engine.n_hvp
+
+    @property
+    def hvp_mode(self) -> str | None:
+        return self._engine.mode
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self._engine.params)
+
+    @property
+    def loss(self) -> float | None:
+        return self._engine.loss_value
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the products are averaged over (1: no communication)."""
+        comm = self._engine.comm
+        return 1 if comm is None else comm.world_size
+
+
+class HessianOperator(_EngineAttributes, LinearOperator):
     """The symmetric ``n x n`` operator ``sign * H + diag(shift)`` of a model's loss.
 
     ``H`` is the Hessian of the loss with respect to the differentiated parameters, flattened in
@@ -586,27 +614,6 @@ class HessianOperator(LinearOperator):
             shift = None
         self.shift = shift
 
-    @property
-    def n_hvp(self) -> int:
-        return self._engine.n_hvp
-
-    @property
-    def hvp_mode(self) -> str | None:
-        return self._engine.mode
-
-    @property
-    def params(self) -> list[torch.Tensor]:
-        return list(self._engine.params)
-
-    @property
-    def loss(self) -> float | None:
-        return self._engine.loss_value
-
-    @property
-    def world_size(self) -> int:
-        """Ranks the products are averaged over (1: no communication)."""
-        comm = self._engine.comm
-        return 1 if comm is None else comm.world_size
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
         h = self._engine.hvp(x)

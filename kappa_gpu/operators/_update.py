@@ -51,7 +51,7 @@ import torch
 
 from kappa_gpu._distributed import check_not_sharded
 from kappa_gpu._linop import LinearOperator
-from kappa_gpu.operators._hvp import HessianOperator, _HVPEngine
+from kappa_gpu.operators._hvp import HessianOperator, _EngineAttributes, _HVPEngine
 from kappa_gpu.operators._validate import (
     MissingOptimizerStateError,
     NoTrainableParametersError,
@@ -134,7 +134,7 @@ def _acc(out: torch.Tensor, X: torch.Tensor, *coefs: Coef) -> torch.Tensor:
     return out.addcmul_(tens, X, value=val)
 
 
-class UpdateOperator(LinearOperator):
+class UpdateOperator(_EngineAttributes, LinearOperator):
     """The Jacobian ``J`` of one ``optimizer.step()`` with respect to the optimizer state.
 
     Built by :func:`update_operator`; see the ``kappa_gpu.operators._update`` module docstring
@@ -186,27 +186,6 @@ class UpdateOperator(LinearOperator):
         self._active = active
 
     # -- attributes ------------------------------------------------------------------------
-    @property
-    def n_hvp(self) -> int:
-        return self._engine.n_hvp
-
-    @property
-    def hvp_mode(self) -> str | None:
-        return self._engine.mode
-
-    @property
-    def params(self) -> list[torch.Tensor]:
-        return list(self._engine.params)
-
-    @property
-    def loss(self) -> float | None:
-        return self._engine.loss_value
-
-    @property
-    def world_size(self) -> int:
-        """Ranks the products are averaged over (1: no communication)."""
-        comm = self._engine.comm
-        return 1 if comm is None else comm.world_size
 
     def __repr__(self) -> str:
         m = self.shape[0]
