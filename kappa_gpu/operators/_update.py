@@ -185,8 +185,6 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         self._uniform = uniform
         self._active = active
 
-    # -- attributes ------------------------------------------------------------------------
-
     def __repr__(self) -> str:
         m = self.shape[0]
         v = f" variant={self.variant}" if self.variant else ""
