@@ -2,6 +2,8 @@
 
 ``kappa-gpu demo`` trains a small embedded model on synthetic data, estimates the
 non-normality of its optimizer update every few steps, prints a table and writes a JSON file.
+``kappa-gpu reproduce`` re-runs the two-layer experiment of arXiv:2605.23476 (see
+docs/reproduce.md).
 """
 
 from __future__ import annotations
@@ -120,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--momentum", type=float, default=0.9)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="kappa_demo.json", help="JSON output file")
+    from kappa_gpu.experiments.reproduce import add_reproduce_parser
+
+    add_reproduce_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "demo":
         run_demo(args.steps, args.every, args.k, args.lr, args.momentum, args.seed, args.out)
-    return 0
+        return 0
+    return int(args.run(args) or 0)
 
 
 if __name__ == "__main__":
