@@ -54,6 +54,7 @@ __all__ = [
     "Timed",
     "bare_matvec_seconds",
     "match_error",
+    "magnitude_error",
     "MLP_WIDTHS",
     "mlp_problem",
     "TRANSFORMER_SIZES",
@@ -193,6 +194,17 @@ def match_error(got, ref) -> float:
         return float(np.max(d / np.maximum(np.abs(a), 1e-30)))
 
     return max(one_way(got, ref), one_way(ref, got))
+
+
+def magnitude_error(got, ref) -> float:
+    """Largest relative error between the sorted magnitudes ``|z|`` of two sets (for solvers
+    that find the largest ``|lambda|`` without caring about signs, e.g. power iteration)."""
+    g = np.sort(np.abs(np.asarray(got, dtype=np.complex128).ravel()))[::-1]
+    r = np.sort(np.abs(np.asarray(ref, dtype=np.complex128).ravel()))[::-1]
+    m = min(len(g), len(r))
+    if m == 0:
+        return float("inf")
+    return float(np.max(np.abs(g[:m] - r[:m]) / np.maximum(r[:m], 1e-30)))
 
 
 # -- problems -------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ its resident set (model + optimizer state + batch + autograd buffers: what a tra
 anyway) and resets the high-water mark (``/proc/self/clear_refs``), runs one
 ``kg.estimate(k, method=...)``, and reports seconds, HVPs, whether every mode converged (the
 answer check: true-residual certificates from real matvecs) and the peak resident set beyond
-the model (``VmHWM`` after minus ``VmRSS`` before). The parent also records
+the model (``VmHWM`` minus ``VmRSS`` before), split in two phases: inside the eigen-solver calls
+(the high-water mark is read and reset when ``eigsh``/``eigs`` is entered and left) and the rest
+of the estimate (the report's eigenvectors and certificates). The parent also records
 ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` as an independent bound.
 
 The memory the estimate itself needs, for ``n`` parameters, ``k`` modes, ``ncv`` Lanczos vectors
@@ -15,9 +17,11 @@ The memory the estimate itself needs, for ``n`` parameters, ``k`` modes, ``ncv``
 
 - the Lanczos basis, ``(ncv + 1) n`` entries: ``(ncv + 1) * n * 4`` bytes (840 MB at 10^7);
 - the report's eigenvectors in the 2n-dimensional state: right and left, complex64,
-  ``2 * (2n x 2k) * 8`` bytes, plus the certificate products ``J [U 0; 0 D^-1 U]`` and the
-  projected subspace ``Q, JQ`` (float32, ``2n x 2k`` each) and short-lived temporaries;
-- one HVP's activations and dual tensors (forward-over-reverse: about 2-3 forward passes).
+  ``2 * (2n x 2k) * 8`` bytes (4.8 GiB at 10^7), plus the certificate products
+  ``J [U 0; 0 D^-1 U]`` and the projected subspace ``Q, JQ`` (float32, ``2n x 2k`` each) and
+  short-lived temporaries: this, not the basis, sets the peak (docs/benchmarks.md);
+- the batched HVPs of the certificates (``k`` and ``2k`` columns at once through ``vmap``): their
+  activations and dual tensors times the number of columns.
 
     python bench/bench_scaling.py --full                # the documented table (minutes)
     python bench/bench_scaling.py --models mlp --sizes 1e7 --methods structured --full

@@ -13,8 +13,8 @@ Sets (``--sets``, default all):
   transformer, structured and arnoldi paths, each point in its own process;
   ``bench_scaling.run``.
 
-Smoke sizes by default (a minute or two); ``--full`` for the documented figures (about an hour
-on two cores, most of it the 10^7-parameter estimates)::
+Smoke sizes by default (a minute or two); ``--full`` for the documented figures (about 25
+minutes on two cores, half of it the scaling set)::
 
     OPENBLAS_NUM_THREADS=1 python bench/report.py --full --out out/bench
     python bench/report.py --sets arpack hessian          # smoke sizes, quick
@@ -105,7 +105,9 @@ def md_batch(res: dict) -> list[str]:
             f"{1e3 * c['bare_matvec_s']['1']:.1f} ms): kappa_gpu {r['seconds']:.2f} s vs ARPACK "
             f"{c['arpack']['seconds']:.2f} s (**{r['time_ratio']:.2f}x**), matvecs "
             f"{r['matvec_ratio']:.2f}x, engine overhead **{r['overhead']:+.0%}** (ARPACK "
-            f"{c['arpack']['overhead']:+.0%})."]
+            f"{c['arpack']['overhead']:+.0%}); {r['outside_operator_fraction']:.0%} of kappa_gpu's "
+            f"wall time outside the operator (in-run matvec "
+            f"{1e3 * r['inside_operator_s'] / r['matvecs']:.1f} ms)."]
 
 
 def md_hessian(res: dict) -> list[str]:
@@ -129,10 +131,14 @@ def md_hessian(res: dict) -> list[str]:
         name = names.get(key, f"kg.eigsh block {r.get('block_size', '?')}")
         hv = f"{r['hvps']}" + (f" ({r['hvps_search']} with the search)"
                                if "hvps_search" in r else "")
-        ref = " (vs LM)" if r.get("reference") == "LM" else ""
+        err = f"{r.get('max_rel_error', 0.0):.1e}"
+        if r.get("reference") == "LM":  # power iteration: largest |lambda|, signs aside
+            mag = r.get("max_rel_error_magnitudes")
+            if mag is None and "eigenvalues" in r:
+                mag = magnitude_error(r["eigenvalues"], res["reference_eigenvalues_LM"])
+            err = f"{mag:.1e} on the magnitudes (set: {err})"
         out.append(f"| {name} | {r['seconds']:.2f} | {hv} | "
-                   f"**{r.get('time_ratio', 1.0):.2f}x** | {r['hvps'] / n_ar:.2f}x | "
-                   f"{r.get('max_rel_error', 0.0):.1e}{ref} |")
+                   f"**{r.get('time_ratio', 1.0):.2f}x** | {r['hvps'] / n_ar:.2f}x | {err} |")
     if "reference_eigenvalues_LM" in res:
         out += ["", "Reference (ARPACK, LA): "
                 + ", ".join(f"{x:.5g}" for x in res["reference_eigenvalues"])
@@ -147,6 +153,12 @@ def md_hessian(res: dict) -> list[str]:
                 out.append(f"| {name} | {r['seconds']:.2f} | {r['hvps']} | "
                            f"**{r['time_ratio_vs_arpack_cold']:.2f}x** |")
     return out
+
+
+def magnitude_error(got, ref) -> float:
+    from _common import magnitude_error as f
+
+    return f(got, ref)
 
 
 def md_scaling(rows: list[dict]) -> list[str]:
@@ -177,13 +189,39 @@ def md_machine(m: dict) -> list[str]:
             f"load average at the start: {m['loadavg']}", "```"]
 
 
+def markdown(res: dict) -> list[str]:
+    """The Markdown report of a ``report.json`` (whichever sets it holds)."""
+    md: list[str] = []
+    if "arpack" in res:
+        md += md_arpack(res["arpack"])
+    if "batch" in res:
+        md += md_batch(res["batch"])
+    if "hessian" in res:
+        md += [""] + md_hessian(res["hessian"])
+    if "scaling" in res:
+        md += [""] + md_scaling(res["scaling"])
+    md += [""] + md_machine(res["machine"])
+    md += [f"load average at the end: {res.get('loadavg_end')}; the run took "
+           f"{res.get('seconds', 0.0):.0f} s", "", f"Command: `{res.get('command', '?')}`"]
+    return md
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     ap.add_argument("--full", action="store_true", help="the documented sizes (long)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default="out/bench", help="directory for report.json/report.md")
+    ap.add_argument("--from-json", default=None, metavar="REPORT_JSON",
+                    help="only rebuild the Markdown table from an earlier report.json")
     a = ap.parse_args(argv)
+    if a.from_json:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        with open(a.from_json) as f:
+            res = json.load(f)
+        md = markdown(res)
+        print("\n".join(md))
+        return 0
     if a.full:
         os.environ["KAPPA_BENCH_FULL"] = "1"
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -195,29 +233,24 @@ def main(argv=None) -> int:
     _common.set_threads(1)
     reps = a.reps or (5 if a.full else 1)
     width = 160 if a.full else 16
-    res: dict = {"machine": _common.machine(), "command": " ".join(sys.argv), "full": a.full}
-    md: list[str] = []
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    res: dict = {"machine": _common.machine(), "full": a.full,
+                 "command": f"OPENBLAS_NUM_THREADS=1 python bench/report.py {args}"}
     t0 = time.perf_counter()
     if "arpack" in a.sets:
         res["arpack"] = bench_arpack.compare(width, reps, (1, 4, 8) if a.full else (1, 4),
                                              seeds=(7, 1, 2) if a.full else (7,))
-        md += md_arpack(res["arpack"])
     if "batch" in a.sets:
         res["batch"] = bench_arpack.compare(width, min(reps, 3), (1,), warm_steps=0,
                                             seeds=(7,), batch=1024)
-        md += md_batch(res["batch"])
     if "hessian" in a.sets:
         res["hessian"] = bench_hessian.compare(width, reps, (1, 4, 8), k=6 if a.full else 3)
-        md += [""] + md_hessian(res["hessian"])
     if "scaling" in a.sets:
         sizes = bench_scaling.SIZES if a.full else (1e4,)
         res["scaling"] = bench_scaling.run(sizes=sizes, k=8)
-        md += [""] + md_scaling(res["scaling"])
     res["seconds"] = time.perf_counter() - t0
     res["loadavg_end"] = _common.machine()["loadavg"]
-    md += [""] + md_machine(res["machine"])
-    md += [f"load average at the end: {res['loadavg_end']}; report took {res['seconds']:.0f} s",
-           "", f"Command: `OPENBLAS_NUM_THREADS=1 python bench/report.py {' '.join(argv or sys.argv[1:])}`"]  # noqa: E501
+    md = markdown(res)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "report.json"), "w") as f:
         json.dump(res, f, indent=1, default=float)
