@@ -372,18 +372,30 @@ def _stats_group(runs: list[dict[str, Any]]) -> dict[str, Any]:
         thr = float(np.nanquantile(st, _WARN_QUANTILE)) if have else math.nan
         leads: list[int | None] = []
         n_win = n_alarm = 0
+        # the same with a per-run threshold (90th percentile of that run's stable estimates):
+        # calibrated in hindsight, but removes level differences between problems and lrs
+        leads_run: list[int | None] = []
+        n_win_run = n_alarm_run = 0
         for run in runs:
             steps = np.array([r["step"] for r in run["records"]])
             if not len(steps):
                 continue
             vals = np.array([r.get(m, math.nan) for r in run["records"]], dtype=np.float64)
             ev, starts = _events(run)
+            stable = np.array([r["phase"] == "stable" for r in run["records"]])
             if ev:
                 leads += lead_times(steps, vals, ev, thr, starts, _LOOKBACK)
-            stable = np.array([r["phase"] == "stable" for r in run["records"]])
             nw, na = chance_rate(steps, vals, stable, thr, _LOOKBACK)
             n_win, n_alarm = n_win + nw, n_alarm + na
+            sv = vals[stable & ~np.isnan(vals)]
+            if len(sv) >= 5:
+                thr_run = float(np.quantile(sv, _WARN_QUANTILE))
+                if ev:
+                    leads_run += lead_times(steps, vals, ev, thr_run, starts, _LOOKBACK)
+                nw, na = chance_rate(steps, vals, stable, thr_run, _LOOKBACK)
+                n_win_run, n_alarm_run = n_win_run + nw, n_alarm_run + na
         hits = [x for x in leads if x is not None]
+        hits_run = [x for x in leads_run if x is not None]
         per_event[m] = leads
         out["metrics"][m] = {
             "median_stable": _median(st),
@@ -406,6 +418,12 @@ def _stats_group(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "lead_time_q25": finite_or_none(np.quantile(hits, 0.25)) if hits else None,
             "lead_time_q75": finite_or_none(np.quantile(hits, 0.75)) if hits else None,
             "lead_times": hits,
+            "per_run_threshold": {
+                "n_events": len(leads_run),
+                "detection_rate": (len(hits_run) / len(leads_run)) if leads_run else None,
+                "chance_rate": (n_alarm_run / n_win_run) if n_win_run else None,
+                "lead_time_median": finite_or_none(np.median(hits_run)) if hits_run else None,
+            },
         }
     # paired: on the events both warn of, does the metric cross its threshold before rho does?
     for m in METRICS:
@@ -436,7 +454,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     previous spike's end), with the lead time from that first crossing, and ``chance_rate``
     is the fraction of equally long all-stable windows that contain an alarm (the false-alarm
     baseline); ``earlier_than_ritz_rho`` / ``earlier_than_dense_rho``: on the events that both
-    warn of, how often and by how many steps the metric's first crossing precedes rho's.
+    warn of, how often and by how many steps the metric's first crossing precedes rho's;
+    ``per_run_threshold``: the warning analysis with each run's own 90th percentile (runs with
+    >= 5 stable estimates).
     """
     groups: dict[str, list[dict]] = {"all": runs}
     for opt in OPTIMIZERS:
@@ -587,6 +607,9 @@ def reproduce(
                     raise FileNotFoundError(f"--reanalyze: no runs/*.jsonl in {out}")
                 optimizers = tuple(o for o in OPTIMIZERS
                                    if any(r["config"]["optimizer"] == o for r in runs))
+                seeds = len({r["config"]["seed"] for r in runs})
+                every = int(np.median([np.diff([x["step"] for x in r["records"]]).min()
+                                       for r in runs if len(r["records"]) > 1] or [every]))
             else:
                 futs = [ex.submit(_run_job, j) for j in jobs]
                 for f in as_completed(futs):
@@ -598,7 +621,8 @@ def reproduce(
             runs.sort(key=lambda r: r["config"]["name"])
             summary.update({
                 "command": "kappa-gpu reproduce " + " ".join(
-                    _argv_of(optimizers, seeds, quick, every, k, steps, out)),
+                    _argv_of(optimizers, seeds, quick, every, k, steps, out)
+                    + (["--reanalyze"] if reanalyze else [])),
                 "options": {"optimizers": list(optimizers), "seeds": seeds, "quick": quick,
                             "every": every, "k": k, "steps": steps, "workers": workers,
                             "dense": dense, "reanalyze": reanalyze},
@@ -734,6 +758,9 @@ def format_markdown(summary: dict[str, Any], groups: Sequence[str] | None = None
     def f(x, fmt):
         return format(x, fmt) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
 
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
     for g in names:
         st = summary["groups"].get(g)
         if st is None:
@@ -746,8 +773,8 @@ def format_markdown(summary: dict[str, Any], groups: Sequence[str] | None = None
         )
         out.append("| metric | median stable | median unstable | ratio | AUC | AUC pre-30 | "
                    "AUC pre-100 | within-run AUC | run-level ratio | run-level AUC | warned | "
-                   "chance | lead |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                   "chance | lead | warned (run thr.) | chance (run thr.) |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for m, s in st["metrics"].items():
             pre = s["auc_pre_vs_stable_by_lookahead"]
             det, ch = s["detection_rate"], s["chance_rate"]
@@ -759,7 +786,9 @@ def format_markdown(summary: dict[str, Any], groups: Sequence[str] | None = None
                 f"{f(s['auc_run_level'], '.2f')} | "
                 f"{f(None if det is None else 100 * det, '.0f')}% | "
                 f"{f(None if ch is None else 100 * ch, '.0f')}% | "
-                f"{f(s['lead_time_median'], '.0f')} |"
+                f"{f(s['lead_time_median'], '.0f')} | "
+                f"{pct(s['per_run_threshold']['detection_rate'])} | "
+                f"{pct(s['per_run_threshold']['chance_rate'])} |"
             )
         out.append("\nOn the spikes both warn of: how often the metric crossed its threshold "
                    "earlier / later than rho did, and the median extra lead (steps).\n")
