@@ -1,14 +1,14 @@
 """``kappa-gpu reproduce --quick`` end to end, and the pieces it is built from.
 
 The end-to-end test trains the quick grid (two 81-parameter runs, 9 estimates each) in two
-spawned workers and writes everything into a tmp dir: about 20-40 s on 2 CPU cores.
+spawned workers and writes everything into a tmp dir: about 10 s on 2 idle CPU cores, up to
+~45 s when they are shared.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -38,14 +38,15 @@ def _finite_numbers(obj, path="") -> list[str]:
 
 def test_quick_end_to_end(tmp_path):
     out = tmp_path / "rep"
-    t0 = time.perf_counter()
+    # 9-15 s on an idle 2-core machine, up to ~45 s when the cores are shared; no timing
+    # assertion (it would be flaky), the duration shows in pytest --durations
     assert main_reproduce(["--quick", "--out", str(out), "--quiet"]) == 0
-    assert time.perf_counter() - t0 < 60
 
     summary = json.loads((out / "summary.json").read_text())
     for key in ("command", "options", "spike_rule", "metrics", "runs", "groups", "figures",
                 "seconds_total"):
         assert key in summary, key
+    assert (out / "summary.md").read_text().startswith("Command: `kappa-gpu reproduce --quick")
     assert summary["options"]["quick"] is True
     assert set(summary["groups"]) >= {"all", "sgd-momentum"}
     g = summary["groups"]["sgd-momentum"]

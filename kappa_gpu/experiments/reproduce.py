@@ -369,7 +369,9 @@ def _stats_group(runs: list[dict[str, Any]]) -> dict[str, Any]:
         good_vals = [v for v, b in zip(med_run, bad_run, strict=True) if not b]
         run_auc = auc(bad_vals, good_vals)
         have = bool(np.any(~np.isnan(st)))  # False for a metric the runs did not record
-        thr = float(np.nanquantile(st, _WARN_QUANTILE)) if have else math.nan
+        # method="higher": a sample value, so +inf (unbounded growth) never enters an
+        # interpolation; "above +inf" then never alarms
+        thr = float(np.nanquantile(st, _WARN_QUANTILE, method="higher")) if have else math.nan
         leads: list[int | None] = []
         n_win = n_alarm = 0
         # the same with a per-run threshold (90th percentile of that run's stable estimates):
@@ -389,7 +391,7 @@ def _stats_group(runs: list[dict[str, Any]]) -> dict[str, Any]:
             n_win, n_alarm = n_win + nw, n_alarm + na
             sv = vals[stable & ~np.isnan(vals)]
             if len(sv) >= 5:
-                thr_run = float(np.quantile(sv, _WARN_QUANTILE))
+                thr_run = float(np.quantile(sv, _WARN_QUANTILE, method="higher"))
                 if ev:
                     leads_run += lead_times(steps, vals, ev, thr_run, starts, _LOOKBACK)
                 nw, na = chance_rate(steps, vals, stable, thr_run, _LOOKBACK)
