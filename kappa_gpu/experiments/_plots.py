@@ -183,7 +183,8 @@ def fig_distributions(path: Path, runs: list[dict[str, Any]], stats: dict[str, A
         ax.set_title(f"{labels[m]}\nmedian ratio {fmt(s['ratio_unstable_stable'], '.3g')}, "
                      f"AUC {fmt(s['auc_unstable_vs_stable'], '.2f')} "
                      f"(pre {fmt(s['auc_pre_vs_stable'], '.2f')})", fontsize=9)
-        ax.set_xlabel(labels[m] + (" (log)" if logx else ""), fontsize=8)
+        ax.set_xlabel(labels[m] + (" (log)" if logx else " (last bin: >= 98th percentile)"),
+                      fontsize=8)
         ax.set_ylabel("fraction of estimates", fontsize=8)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.25)
