@@ -246,3 +246,26 @@ def not_converged_message(
         f"{restarts} restarts ({nmv} matvecs); raise maxiter (now {maxiter}) or ncv (now {ncv}), "
         f"or loosen tol; the unconverged pairs are returned with converged=False"
     )
+
+
+def expand_cycle(basis, ncv: int, s: int, k: int, analyze):
+    """Expand ``basis`` to a full restart cycle and return ``(m, analyze(m))``.
+
+    Convergence is also tested after every step of the first cycle (a warm start often needs far
+    fewer than ``ncv`` vectors), and the expansion stops as soon as every wanted value has
+    converged. Not after a restart: a restart can purge a wanted direction that only rounding
+    brings back, and a full cycle gives it room to reappear (ARPACK, too, tests at full size
+    only); not after a breakdown, where the space is blind to part of the spectrum.
+    ``analyze(m)`` returns a tuple whose element 5 is the converged flags of the wanted values.
+    """
+    state: dict = {}
+
+    def early(m: int) -> bool:
+        if m <= k or basis.n_restarts or basis.n_breakdowns:
+            return False
+        state["a"] = analyze(m)
+        return bool(state["a"][5].all())
+
+    m_full = basis.p + s * ((ncv - basis.p) // s)
+    m = basis.expand(m_full, stop=early)
+    return m, (state["a"] if m < m_full else analyze(m))

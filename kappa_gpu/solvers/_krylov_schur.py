@@ -42,6 +42,7 @@ from kappa_gpu.solvers._common import (
     check_sigma,
     conv_floor,
     default_maxiter,
+    expand_cycle,
     not_converged_message,
     resolve_tol,
     ritz_vectors,
@@ -100,24 +101,8 @@ def _ks_run(
         )
         return sr, order, wanted, S, est, conv
 
-    state: dict = {}
-
-    def early(m: int) -> bool:
-        # Convergence inside the first cycle: a warm start often needs far fewer than ncv
-        # vectors. Not after a restart: a restart can purge a wanted direction that only
-        # rounding brings back, and a full cycle gives it room to reappear (ARPACK, too, tests
-        # at full size only); not after a breakdown, where the space is blind to part of the
-        # spectrum.
-        if m <= k or basis.n_restarts or basis.n_breakdowns:
-            return False
-        state["a"] = analyze(m)
-        return bool(state["a"][5].all())
-
     while True:
-        m_full = basis.p + s * ((ncv - basis.p) // s)
-        state.clear()
-        m = basis.expand(m_full, stop=early)
-        sr, order, wanted, S, est, conv = state["a"] if m < m_full else analyze(m)
+        m, (sr, order, wanted, S, est, conv) = expand_cycle(basis, ncv, s, k, analyze)
         nev, nconv = len(wanted), int(conv.sum())
         if nconv >= nev or basis.n_restarts >= maxiter:
             break

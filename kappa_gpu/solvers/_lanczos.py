@@ -34,6 +34,7 @@ from kappa_gpu.solvers._common import (
     check_int,
     conv_floor,
     default_maxiter,
+    expand_cycle,
     not_converged_message,
     resolve_tol,
     ritz_vectors,
@@ -165,20 +166,8 @@ def _trlan(
         )
         return theta, Y, order, wanted, est, conv
 
-    state: dict = {}
-
-    def early(m: int) -> bool:
-        # Convergence inside the first cycle only, not after a breakdown (see eigs).
-        if m <= k or basis.n_restarts or basis.n_breakdowns:
-            return False
-        state["a"] = analyze(m)
-        return bool(state["a"][5].all())
-
     while True:
-        m_full = basis.p + s * ((ncv - basis.p) // s)
-        state.clear()
-        m = basis.expand(m_full, stop=early)
-        theta, Y, order, wanted, est, conv = state["a"] if m < m_full else analyze(m)
+        m, (theta, Y, order, wanted, est, conv) = expand_cycle(basis, ncv, s, k, analyze)
         nconv = int(conv.sum())
         if nconv >= k or basis.n_restarts >= maxiter:
             break
