@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse.linalg as ssl
 import torch
 from test_solvers_problems import (
     CountingOperator,
@@ -27,6 +28,7 @@ from test_solvers_problems import (
     symmetric_spectrum,
 )
 
+import kappa_gpu as kg
 from kappa_gpu.solvers import eigs, eigsh
 
 #: (name, builder, which, k, sigma, symmetric)
@@ -109,3 +111,89 @@ def test_warm_start_from_exact_eigenvectors_is_almost_free():
     again = eigsh(S, k=4, tol=1e-10, v0=first.eigenvectors)
     assert again.converged_all
     assert again.n_matvec <= 0.5 * first.n_matvec
+
+
+# -- warm starts at the scale they are for ----------------------------------------------------
+# The warm start cannot cost fewer matvecs than the number of directions it brings in (k), and
+# from a start vector a distance delta from the new invariant subspace a Krylov method still has
+# to shrink delta to tol: warm/cold is about (k + log(delta/tol)/r) / (log(sqrt(n)/tol)/r) for a
+# convergence rate r. On the small dense problems above (n = 600, cold = 15-40 matvecs) that is
+# 0.3-0.7; on operators of the size and spectrum it is meant for (a Hessian-like power law,
+# n = 10^5, a random cold start) it is below 0.4. Operators: diagonal power-law Hessian
+# (permuted) plus a rank-40 symmetric perturbation of relative 2-norm 1e-3, applied implicitly.
+class _DiagPlusLowRank(kg.LinearOperator):
+    def __init__(self, d: np.ndarray, U: np.ndarray | None = None, C: np.ndarray | None = None):
+        n = len(d)
+        super().__init__((n, n), torch.float64, "cpu")
+        self.d = torch.from_numpy(d)
+        self.U = None if U is None else torch.from_numpy(U)
+        self.C = None if C is None else torch.from_numpy(C)
+
+    def _matmat(self, X):
+        Y = self.d[:, None] * X
+        if self.U is not None:
+            Y = Y + self.U @ (self.C @ (self.U.T @ X))
+        return Y
+
+    def _matvec(self, x):
+        return self._matmat(x[:, None])[:, 0]
+
+    def dense_top(self, k: int) -> np.ndarray:
+        """Oracle: the k largest eigenvalues, by ARPACK at tol 1e-13."""
+        op = ssl.LinearOperator(self.shape, matvec=lambda x: self._matvec(torch.from_numpy(
+            np.ascontiguousarray(x).reshape(-1))).numpy(), dtype=np.float64)
+        return np.sort(ssl.eigsh(op, k=k, which="LA", tol=1e-13, return_eigenvectors=False))[::-1]
+
+
+class _HeavyBall(kg.LinearOperator):
+    """DESIGN.md section 2 heavy-ball J on the state (theta, v) for a Hessian operator ``Hs``."""
+
+    def __init__(self, Hs: _DiagPlusLowRank, eta: float = 0.05, mu: float = 0.9):
+        n = Hs.shape[0]
+        super().__init__((2 * n, 2 * n), torch.float64, "cpu")
+        self.Hs, self.eta, self.mu, self.m = Hs, eta, mu, n
+
+    def _matvec(self, x):
+        t, v = x[: self.m], x[self.m :]
+        v2 = self.mu * v + self.Hs._matvec(t)
+        return torch.cat([t - self.eta * v2, v2])
+
+
+def _hessian_pair(n: int, scale: float) -> tuple[_DiagPlusLowRank, _DiagPlusLowRank]:
+    rng = np.random.default_rng(3)
+    d = rng.permutation(powerlaw(n, scale=scale))
+    U, _ = np.linalg.qr(rng.standard_normal((n, 40)))
+    C = rng.standard_normal((40, 40))
+    C = C + C.T
+    C *= 1e-3 * scale / np.abs(np.linalg.eigvalsh(C)).max()  # ||E||_2 = 1e-3 ||H||_2
+    return _DiagPlusLowRank(d), _DiagPlusLowRank(d, U, C)
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_eigsh_warm_start_at_scale_under_40_percent(k):
+    H1, H2 = _hessian_pair(100_000, 100.0)
+    first = eigsh(H1, k=k, tol=1e-4, generator=torch.Generator().manual_seed(0))
+    cold = _cold_mean(eigsh, H2, k=k, tol=1e-4)
+    warm = eigsh(H2, k=k, tol=1e-4, v0=first.eigenvectors)
+    assert warm.converged_all, warm.status
+    ref = H2.dense_top(k)
+    assert np.allclose(warm.eigenvalues.real.numpy(), ref, rtol=1e-4)
+    assert warm.n_matvec <= 0.4 * cold, (warm.n_matvec, cold)
+
+
+@pytest.mark.parametrize("which,sigma", [("LM", 1.0), ("LI", None)])
+def test_eigs_warm_start_at_scale_under_40_percent(which, sigma):
+    H1, H2 = _hessian_pair(100_000, 60.0)
+    kw = dict(k=6, which=which, sigma=sigma, tol=1e-4)
+    first = eigs(_HeavyBall(H1), generator=torch.Generator().manual_seed(0), **kw)
+    cold = _cold_mean(eigs, _HeavyBall(H2), **kw)
+    warm = eigs(_HeavyBall(H2), v0=first.eigenvectors, **kw)
+    assert warm.converged_all, warm.status
+    # Oracle: z^2 - (1 + mu - eta lam) z + mu = 0 for the top curvatures lam of the new Hessian
+    # (the wanted modes of both targets come from the sharpest curvatures here).
+    lam = H2.dense_top(12)
+    b = 1 + 0.9 - 0.05 * lam
+    disc = np.sqrt((b * b - 4 * 0.9).astype(complex))
+    z = np.concatenate([(b + disc) / 2, (b - disc) / 2])
+    assert match_error(warm.eigenvalues.numpy(), z) <= 1e-4
+    assert warm.n_matvec <= 0.4 * cold, (warm.n_matvec, cold)
