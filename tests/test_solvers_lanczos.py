@@ -8,6 +8,7 @@ import torch
 from conftest import TOL, cuda_only
 from test_solvers_problems import CountingOperator, powerlaw, symmetric_spectrum
 
+import kappa_gpu as kg
 from kappa_gpu.solvers import ConvergenceError, eigsh
 
 
@@ -140,3 +141,15 @@ def test_eigsh_smallest_magnitude():
     assert r.converged_all
     assert np.allclose(np.sort(r.eigenvalues.real.numpy()), [-0.02, 0.01, 0.03], atol=1e-10)
     assert np.abs(r.eigenvalues.real.numpy()).tolist() == sorted(np.abs(r.eigenvalues.real.numpy()))
+
+
+def test_eigsh_returns_the_certificate_products():
+    """``EigResult.images`` is ``A X`` from the certification (no extra matvec to reuse it)."""
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(80, 80, generator=g, dtype=torch.float64)
+    M = M + M.T
+    r = eigsh(kg.aslinearoperator(M), k=4, generator=g)
+    assert r.images is not None and r.images.shape == r.eigenvectors.shape
+    assert torch.allclose(r.images, M @ r.eigenvectors, rtol=0, atol=1e-12)
+    R = r.images - r.eigenvectors * r.eigenvalues.real
+    assert torch.allclose(torch.linalg.vector_norm(R, dim=0), r.residuals, rtol=1e-10, atol=1e-14)

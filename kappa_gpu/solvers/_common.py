@@ -201,18 +201,27 @@ def ritz_vectors(V: torch.Tensor, C: np.ndarray, complex_out: bool) -> torch.Ten
 
 
 def true_residuals(
-    A: LinearOperator, X: torch.Tensor, z: np.ndarray, partner: np.ndarray | None
+    A: LinearOperator,
+    X: torch.Tensor,
+    z: np.ndarray,
+    partner: np.ndarray | None,
+    images: list | None = None,
 ) -> tuple[np.ndarray, int]:
     """``||A x_i - z_i x_i||`` with real operator applications, and how many were used.
 
     A real ``x`` costs one application; a conjugate pair costs two (real and imaginary part of
-    one member; the partner's residual is the conjugate, same norm).
+    one member; the partner's residual is the conjugate, same norm). For a real ``X``, the
+    products ``A X`` are appended to ``images`` when a list is given (callers that need more
+    certificates of the same vectors then spend no further matvecs).
     """
     k = X.shape[1]
     if k == 0:
         return np.zeros(0), 0
     if not X.is_complex():
-        R = A.matmat(X) - X * torch.as_tensor(z.real, dtype=X.dtype, device=X.device)
+        AX = A.matmat(X)
+        if images is not None:
+            images.append(AX)
+        R = AX - X * torch.as_tensor(z.real, dtype=X.dtype, device=X.device)
         return torch.linalg.vector_norm(R, dim=0).to("cpu", torch.float64).numpy(), k
     reps = [i for i in range(k) if partner is None or partner[i] < 0 or partner[i] > i]
     cols, where = [], []

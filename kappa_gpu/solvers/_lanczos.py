@@ -183,7 +183,8 @@ def _trlan(
         wanted, est, conv = wanted[perm], est[perm], conv[perm]
     z = theta[wanted]
     X = ritz_vectors(basis.columns(m), Y[:, wanted], complex_out=False)
-    res, n_cert = true_residuals(A, X, z.astype(np.complex128), None)
+    images: list = []
+    res, n_cert = true_residuals(A, X, z.astype(np.complex128), None, images)
     if nconv >= k:
         status = (
             f"eigsh: converged: {k} eigenpairs to tol={tol:.1e} in {basis.n_matvec} matvecs, "
@@ -213,4 +214,5 @@ def _trlan(
         sigma=None,
         tol=tol,
         n_matvec_certify=n_cert,
+        images=images[0] if images else None,
     )

@@ -51,6 +51,10 @@ class EigResult:
         n_matvec_certify: applications of ``A`` (and ``A^T``) spent on ``residuals`` and
             ``left_residuals``.
         left_residuals: ``||A^H y_i - conj(z_i) y_i||`` when ``left=True``.
+        images: ``(n, k')`` the products ``A x_i`` computed for ``residuals`` (``eigsh`` only,
+            ``None`` otherwise): a caller that derives further certificates from the same
+            vectors (as :func:`kappa_gpu.estimate` does for the optimizer's ``J``) spends no
+            more operator applications. Costs ``n k'`` entries of memory on the device.
     """
 
     eigenvalues: torch.Tensor
@@ -70,6 +74,7 @@ class EigResult:
     n_rmatvec: int = 0
     n_matvec_certify: int = 0
     left_residuals: torch.Tensor | None = field(default=None)
+    images: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def converged_all(self) -> bool:
