@@ -7,7 +7,10 @@
 #
 #     bash bench/gpu_check.sh
 #
-# 1. runs the kernel tests: tests/test_kernels*.py (the GPU ones included; junit XML);
+# 1. runs the kernel tests: tests/test_kernels*.py (the GPU ones included: the fused kernels vs
+#    the torch reference, and the update operators with backend="cupy" vs finite differences of
+#    real optimizer steps and vs backend="torch"), plus the device tests of tests/test_operators.py
+#    (on CUDA they take the fused path under backend="auto"); junit XML;
 # 2. runs the kernel benchmark: bench/bench_kernels.py (fused vs torch eager vs copy bandwidth);
 # 3. writes $OUT/gpu_check.json: environment, test counts and failures, benchmark targets.
 #
@@ -44,8 +47,11 @@ fi
 
 echo "== tests" | tee -a "$LOG"
 timeout $((BUDGET / 2)) "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels_gpu.py \
-  tests/test_kernels_emulated.py tests/test_kernels_compile.py tests/test_kernels_dispatch.py \
-  tests/test_kernels_reference.py --junitxml "$OUT/pytest_kernels.xml" 2>&1 | tee -a "$LOG"
+  tests/test_kernels_operator.py tests/test_kernels_emulated.py tests/test_kernels_compile.py \
+  tests/test_kernels_dispatch.py tests/test_kernels_reference.py \
+  tests/test_operators.py::test_every_device_agrees_with_cpu \
+  tests/test_operators.py::test_dropout_on_every_device_is_deterministic \
+  --junitxml "$OUT/pytest_kernels.xml" 2>&1 | tee -a "$LOG"
 rc_tests=${PIPESTATUS[0]}
 
 echo "== benchmark" | tee -a "$LOG"

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
+import subprocess
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,6 +212,36 @@ def test_kernel_sources_are_found(monkeypatch, tmp_path):
     monkeypatch.setattr(_cupy, "KERNEL_FILES", ("kg_common.cuh", "missing.cu"))
     with pytest.raises(FileNotFoundError, match="KAPPA_GPU_KERNEL_DIR.*package data.*checkout"):
         _cupy.kernel_dir()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("setuptools") is None, reason="needs setuptools to build"
+)
+def test_a_built_package_carries_the_kernel_sources(tmp_path):
+    """setup.py's build_py (what a wheel is made of) copies kernels/ into kappa_gpu/kernels/,
+    and the installed package finds them there, without CuPy and away from the checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "setup.py").is_file():
+        pytest.skip("not a source checkout")
+    lib = tmp_path / "lib"
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)],
+        cwd=repo, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    for f in _cupy.KERNEL_FILES:
+        assert (lib / "kappa_gpu" / "kernels" / f).is_file(), f
+    probe = (
+        "import sys; sys.modules['cupy'] = None\n"
+        "from kappa_gpu._cuda import _cupy\n"
+        "print(_cupy.kernel_dir())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(lib)}
+    env.pop("KAPPA_GPU_KERNEL_DIR", None)
+    found = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, check=True, capture_output=True,
+        text=True, timeout=120,
+    ).stdout.strip()  # fmt: skip
+    assert Path(found) == lib / "kappa_gpu" / "kernels"
 
 
 def test_nvrtc_options_can_be_tuned(monkeypatch):

@@ -39,16 +39,24 @@ weight decay, zero for decoupled AdamW decay) and one HVP per product:
 Per-group hyper-parameters make eta, mu, b1, ... diagonal. A parameter the loss does not reach
 (its autograd gradient is None) is skipped by ``optimizer.step()`` after ``zero_grad()``: its
 rows of J are the identity, and it is marked inactive in :class:`BlockStructure`.
+
+Backends of the block arithmetic (the elementwise work around the one HVP of each product):
+``"torch"`` is the in-place torch code of this module (the CPU path and the reference);
+``"cupy"`` runs it as one fused CUDA kernel per pass (:mod:`kappa_gpu._cuda`, the same
+formulas regrouped per segment: equal to the torch path up to float rounding, not bitwise);
+``"auto"`` picks ``"cupy"`` for CUDA tensors when CuPy works, else ``"torch"``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kappa_gpu._cuda import BACKENDS, BlockParams, UpdateBlocks, resolve_backend
 from kappa_gpu._distributed import check_not_sharded
 from kappa_gpu._linop import LinearOperator
 from kappa_gpu.operators._hvp import HessianOperator, _EngineAttributes, _HVPEngine
@@ -63,6 +71,11 @@ from kappa_gpu.operators._validate import (
 __all__ = ["UpdateOperator", "BlockStructure", "update_operator"]
 
 Coef = float | torch.Tensor
+#: ``() -> (BlockParams, per-entry coefficient vectors)``: the table the fused kernels read,
+#: built only when the fused path is taken.
+BlockSpec = Callable[[], tuple[BlockParams, tuple[torch.Tensor, ...]]]
+
+logger = logging.getLogger("kappa_gpu")
 
 
 @dataclass
@@ -154,6 +167,11 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         loss: the loss at the current point (the mean over the ranks under a process group).
         world_size: ranks of the process group the products are averaged over (1: local).
         seed: the RNG seed every product uses.
+        backend: ``"cupy"`` (fused CUDA kernels) or ``"torch"``: the path the block arithmetic
+            takes. Chosen at build time; it turns to ``"torch"`` (with one ``RuntimeWarning``)
+            if, under ``backend="auto"``, the kernels fail to compile at the first product.
+        backend_reason: why that backend was chosen (a sentence, also logged at DEBUG on the
+            ``kappa_gpu`` logger).
     """
 
     def __init__(
@@ -169,6 +187,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         order: int,
         uniform: bool,
         active: torch.Tensor | None,
+        block_spec: BlockSpec,
+        backend: tuple[str, str, str] = ("torch", "torch", "backend='torch' was requested"),
     ):
         n = engine.n
         super().__init__((len(blocks) * n, len(blocks) * n), engine.dtype, engine.device)
@@ -184,14 +204,33 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         self._order = order
         self._uniform = uniform
         self._active = active
+        self._block_spec = block_spec
+        # backend: (requested, chosen, reason); see update_operator's ``backend`` argument
+        requested, chosen, self.backend_reason = backend
+        self._blocks: UpdateBlocks | None = None
+        self.backend = "torch"
+        if chosen == "cupy":
+            self._fuse(requested)
+            self.backend = "cupy"
 
     def __repr__(self) -> str:
         m = self.shape[0]
         v = f" variant={self.variant}" if self.variant else ""
         return (
             f"<{m}x{m} UpdateOperator kind={self.kind}{v} blocks={self.blocks} "
-            f"n_params={self.n_params} dtype={self.dtype} device={self.device}>"
+            f"n_params={self.n_params} dtype={self.dtype} device={self.device} "
+            f"backend={self.backend}>"
         )
+
+    def _fuse(self, backend: str) -> None:
+        """Route the block arithmetic through :class:`UpdateBlocks` with ``backend``.
+
+        ``"auto"``/``"cupy"``: the fused kernels (built when the dispatch chose them).
+        ``"torch"``: UpdateBlocks' own torch reference, which lets the CPU tests check the
+        coefficient table of the fused path against this module's torch code.
+        """
+        params, coef = self._block_spec()
+        self._blocks = UpdateBlocks(params, coef, backend=backend)
 
     # -- state -----------------------------------------------------------------------------
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -265,6 +304,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
     # Written into one preallocated output with fused in-place updates: at n ~ 1e6 the
     # temporaries and the final torch.cat of a naive version cost ~15% of an HVP.
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        if self._blocks is not None:
+            return self._fused_matvec(x)
         k, ht = self._coefs, self._ht._matvec
         out = torch.empty_like(x)
         if self._order == 1:  # c x - D a Ht x
@@ -294,6 +335,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         return out
 
     def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        if self._blocks is not None:
+            return self._fused_rmatvec(y)
         k, ht = self._coefs, self._ht._matvec
         out = torch.empty_like(y)
         if self._order == 1:  # c y - Ht (D a y)
@@ -325,6 +368,34 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
 
     _matmat = _matvec
     _rmatmat = _rmatvec
+
+    # The fused path: the HVP takes the bare Hessian (the passes apply sign and L2 decay) and
+    # each pass reads its inputs once and writes its outputs once, s columns in one launch.
+    def _fused_matvec(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self._blocks
+        xs = self.split(x)
+        out = torch.empty_like(x)
+        hv = self._engine.hvp(xs[0])
+        blocks.matvec(xs, hv, out=self.split(out))
+        self._check_fused(blocks)
+        return out
+
+    def _fused_rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        blocks = self._blocks
+        ys = self.split(y)
+        hv = self._engine.hvp(blocks.rmatvec_pre(ys))
+        out = torch.empty_like(y)
+        blocks.rmatvec_post(ys, hv, out=self.split(out))
+        self._check_fused(blocks)
+        return out
+
+    def _check_fused(self, blocks: UpdateBlocks) -> None:
+        """After a fused product: if ``auto`` fell back (the kernels failed to compile; the
+        product was still computed, by the torch reference), use the torch path from now on."""
+        if blocks.backend == "auto" and blocks.last_backend == "torch":
+            self._blocks = None
+            self.backend, self.backend_reason = "torch", str(blocks.last_reason)
+            logger.debug("update operator (%s): torch path: %s", self.kind, self.backend_reason)
 
 
 # -- building -------------------------------------------------------------------------------
@@ -360,6 +431,7 @@ def update_operator(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     process_group: Any = None,
+    backend: str = "auto",
 ) -> UpdateOperator:
     """The exact linearized update ``J`` of ``optimizer.step()`` at the current point.
 
@@ -383,6 +455,15 @@ def update_operator(
             Default: the group of a ``DistributedDataParallel``-wrapped ``model``, else no
             communication. Building and applying the operator are then collectives: call
             them on every rank of the group, in the same order, with the same vectors.
+        backend: where the block arithmetic around each HVP runs: ``"auto"`` (default) the
+            fused CuPy kernels for CUDA tensors of float32/float64/bfloat16 when CuPy
+            (``pip install 'kappa-gpu[cuda]'``) imports, sees a device and compiles them, else
+            the torch path; ``"torch"`` always the torch path; ``"cupy"`` insists on the
+            kernels and raises where they cannot run. The choice and its reason are
+            ``op.backend`` / ``op.backend_reason`` (logged at DEBUG on the ``kappa_gpu``
+            logger). CuPy installed but unable to run costs one ``RuntimeWarning`` per process
+            under ``"auto"``, then the torch path. The two paths agree to float rounding; the
+            torch path is the reference.
 
     Returns:
         An :class:`UpdateOperator`. Building it costs one gradient evaluation; each matvec and
@@ -421,6 +502,10 @@ def update_operator(
         NoTrainableParametersError: nothing with ``requires_grad=True``.
         BatchError: ``loss_fn(model(inputs), targets)`` fails on the batch.
         NonFiniteError: the loss or the gradient is not finite at the current point.
+        ValueError: ``backend`` is not one of ``"auto"``, ``"cupy"``, ``"torch"``, or it is
+            ``"cupy"`` for a model that is not on a CUDA device.
+        TypeError, RuntimeError: ``backend="cupy"`` with a dtype the kernels do not take, or
+            where CuPy cannot run (not installed, no driver, no device).
         DistributedError: the ranks of the process group disagree (parameters, vectors) or
             another rank failed; raised on every rank together.
 
@@ -430,6 +515,10 @@ def update_operator(
         >>> J.matvec(J.state_vector())  # doctest: +SKIP
     """
     kind = check_optimizer_type(optimizer)
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}"
+        )
     check_not_sharded(model)
     entries = [
         (p, group) for group in optimizer.param_groups for p in group["params"] if p.requires_grad
@@ -440,6 +529,15 @@ def update_operator(
             "trainable parameters, e.g. torch.optim.SGD([p for p in model.parameters() "
             "if p.requires_grad], ...)"
         )
+    if backend == "cupy":  # checked before any gradient is computed
+        devices = sorted({str(p.device) for p, _ in entries if p.device.type != "cuda"})
+        if devices:
+            raise ValueError(
+                f"backend='cupy' runs fused CUDA kernels, but the model's parameters are on "
+                f"{', '.join(devices)}: move the model (and then build the optimizer) to a CUDA "
+                "device, e.g. model.cuda(), or pass backend='auto' (the torch path off CUDA) "
+                "or backend='torch'"
+            )
     if kind == "sgd" and variant is not None:
         raise UnsupportedConfigurationError(
             f"variant={variant!r} applies to Adam/AdamW only; pass variant=None for SGD"
@@ -491,9 +589,17 @@ def update_operator(
             torch.tensor(engine.numels, device=engine.device),
         )
 
+    chosen, reason = resolve_backend(backend, engine.device, [engine.dtype])
+    if chosen == "torch":
+        logger.debug("update operator (%s): torch path: %s", kind, reason)
+    else:
+        logger.debug("update operator (%s): fused CuPy kernels: %s", kind, reason)
+    bk = (backend, chosen, reason)
     if kind == "sgd":
-        return _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign)
-    return _adam(engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant)
+        return _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign, bk)
+    return _adam(
+        engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, bk
+    )
 
 
 def _missing_state(optimizer, kind: str, p: torch.Tensor, group: dict):
@@ -511,7 +617,9 @@ def _missing_state(optimizer, kind: str, p: torch.Tensor, group: dict):
     )
 
 
-def _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign) -> UpdateOperator:
+def _sgd(
+    engine, optimizer, groups, active_list, has_state, active, pe, sign, backend
+) -> UpdateOperator:
     lr = [scalar(g["lr"]) for g in groups]
     mu = [scalar(g["momentum"]) for g in groups]
     d = [scalar(g["dampening"]) for g in groups]
@@ -522,6 +630,10 @@ def _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign) ->
     if all(m == 0.0 for m in mu):
         per = {"a": [1.0] * len(lr), "c": [1.0] * len(lr)}
         coefs = {"D": pe.expand(D), "a": 1.0, "c": 1.0}
+
+        def spec1():  # J = I - D Ht: c = 1, Da = D
+            return BlockParams.order1(engine.numels, Da=D, c=1.0, wd=wd, sign=sign), ()
+
         return UpdateOperator(
             engine,
             optimizer,
@@ -533,6 +645,8 @@ def _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign) ->
             order=1,
             uniform=_uniform(per, active_list),
             active=active,
+            block_spec=spec1,
+            backend=backend,
         )
     per: dict[str, list[float]] = {k: [] for k in ("a", "a2", "b", "beta", "c")}
     for m, dd, nest, act, has in zip(mu, d, nesterov, active_list, has_state, strict=True):
@@ -548,6 +662,10 @@ def _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign) ->
             per[key].append(v)
     coefs = {key: pe.expand(v) for key, v in per.items()}
     coefs["D"] = pe.expand(D)
+
+    def spec2():  # the same per-parameter coefficients; D per segment, no D vector
+        return BlockParams.order2(engine.numels, **per, D=D, wd=wd, sign=sign), ()
+
     return UpdateOperator(
         engine,
         optimizer,
@@ -559,11 +677,13 @@ def _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign) ->
         order=2,
         uniform=_uniform(per, active_list),
         active=active,
+        block_spec=spec2,
+        backend=backend,
     )
 
 
 def _adam(
-    engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant
+    engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, backend
 ) -> UpdateOperator:
     dt, dev = engine.dtype, engine.device
     decoupled = [bool(gr.get("decoupled_weight_decay", False)) for gr in groups]
@@ -615,15 +735,19 @@ def _adam(
     # inactive parameters (skipped by torch): theta stays, and so does the state if it exists
     stay = [1.0 if h else 0.0 for h in has_state]
     if full:
-        coefs = {
-            "D": D,
-            "q": torch.cat(qs),
-            "r": torch.cat(rs),
-            "c": pe.expand(c),
-            "a": pe.expand([1.0 - x if a else 0.0 for x, a in zip(b1, active_list, strict=True)]),
-            "b1": pe.expand([x if a else s for x, a, s in zip(b1, active_list, stay, strict=True)]),
-            "b2": pe.expand([x if a else s for x, a, s in zip(b2, active_list, stay, strict=True)]),
+        per_full = {
+            "a": [1.0 - x if a else 0.0 for x, a in zip(b1, active_list, strict=True)],
+            "b1": [x if a else s for x, a, s in zip(b1, active_list, stay, strict=True)],
+            "b2": [x if a else s for x, a, s in zip(b2, active_list, stay, strict=True)],
+            "c": c,
         }
+        coefs = {key: pe.expand(v) for key, v in per_full.items()}
+        coefs.update(D=D, q=torch.cat(qs), r=torch.cat(rs))
+
+        def spec_full():
+            params = BlockParams.adam_full(engine.numels, **per_full, wd=wd_l2, sign=sign)
+            return params, (coefs["D"], coefs["q"], coefs["r"])
+
         return UpdateOperator(
             engine,
             optimizer,
@@ -635,6 +759,8 @@ def _adam(
             order=0,
             uniform=False,
             active=active,
+            block_spec=spec_full,
+            backend=backend,
         )
     per = {
         "a": [1.0 - x if a else 0.0 for x, a in zip(b1, active_list, strict=True)],
@@ -645,6 +771,10 @@ def _adam(
     }
     coefs = {key: pe.expand(v) for key, v in per.items()}
     coefs["D"] = D
+
+    def spec_frozen():  # order2 with the preconditioner as the per-entry D vector
+        return BlockParams.order2(engine.numels, **per, D=1.0, wd=wd_l2, sign=sign), (D,)
+
     return UpdateOperator(
         engine,
         optimizer,
@@ -656,4 +786,6 @@ def _adam(
         order=2,
         uniform=_uniform(per, active_list),
         active=active,
+        block_spec=spec_frozen,
+        backend=backend,
     )
