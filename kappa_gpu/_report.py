@@ -65,8 +65,12 @@ class KappaReport:
             radius alone predicts; finite also when rho >= 1 (1 for a normal T).
         kappa_bound_curve: kappa_V rho^t for the same t.
         kreiss_lower: a lower bound of the Kreiss constant of T.
-        residuals: true residuals ||J x - z x|| (unit x) recomputed with the operator.
-        converged: per eigenvalue, whether its residual passed the tolerance.
+        residuals: true residuals ||J x - z x|| (unit x, native coordinates) from the
+            operator's own HVPs (structured: the Lanczos certificate's, reused).
+        converged: per eigenvalue, whether it meets ``tol`` on J: the true residual
+            ``||J x - z x|| <= tol * max(|z|, eps**(2/3))`` (arnoldi: also the Krylov-Schur
+            Ritz estimate, and a matched left eigenvector).
+        tol: the relative tolerance on J the modes were computed to (both methods alike).
         n_hvp: Hessian-vector products spent (certificates included); seconds: wall time.
         method, variant, modes, target: what was computed and how it was targeted.
         coordinates: the coordinates kappa_V refers to.
@@ -108,6 +112,10 @@ class KappaReport:
     hessenberg: np.ndarray | None = field(default=None, repr=False)
     #: Vectors to warm-start the next estimate with (pass as ``warm_start=``); not serialized.
     warm_vectors: torch.Tensor | None = field(default=None, repr=False)
+    #: A fingerprint of the point (state, loss, hyper-parameters) the report was computed at: a
+    #: later estimate at the same point refines ``warm_vectors`` instead of searching; not
+    #: serialized.
+    point: tuple | None = field(default=None, repr=False)
 
     @property
     def all_converged(self) -> bool:
@@ -122,7 +130,7 @@ class KappaReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (complex as [re, im], non-finite floats as strings)."""
-        skip = {"hessenberg", "warm_vectors"}
+        skip = {"hessenberg", "warm_vectors", "point"}
         out = {k: _jsonable(v) for k, v in self.__dict__.items() if k not in skip}
         out["all_converged"] = self.all_converged
         out["nearest_ep_ratio"] = _jsonable(self.nearest_ep_ratio)

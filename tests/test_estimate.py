@@ -361,3 +361,178 @@ def test_parameter_the_loss_does_not_reach_is_finite():
     assert rep.all_converged and np.isfinite(rep.kappa_V)
     J = update_operator(model, opt, loss_fn, batch).to_dense().numpy()
     assert np.max(match(rep.eigenvalues, np.linalg.eigvals(J))) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# cost: certificates without extra HVPs, the J tolerance, the warm-started arnoldi refinement
+
+
+class _Spy:
+    """Wraps a solver function and records each call's keyword arguments and result."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        res = self.fn(*args, **kwargs)
+        self.calls.append((kwargs, res))
+        return res
+
+
+def _sharp_mlp(name="heavy_ball", width=32, seed=3):
+    model, batch, loss_fn = mlp_problem(seed=seed, width=width)
+    opt = OPTIMIZERS[name](model.parameters())
+    take_steps(model, opt, loss_fn, batch, steps=5)
+    _sharpen(model, opt, loss_fn, batch, target=3.0)
+    return model, opt, loss_fn, batch
+
+
+@pytest.mark.parametrize("name", ["heavy_ball", "nesterov", "adam", "sgd", "unused"])
+def test_J_of_the_mode_basis_from_hessian_products(name):
+    """_apply_J reproduces J applied to [(U, 0) | (0, D^-1 U)] (or J U) from Ht U alone."""
+    from kappa_gpu._estimate import _apply_J, _start_blocks
+
+    model, batch, loss_fn = mlp_problem(seed=4)
+    if name == "unused":
+        model = torch.nn.ModuleDict({"net": model, "unused": torch.nn.Linear(2, 2).double()})
+        net = model["net"]
+        model.forward = lambda x: net(x)  # noqa: E731 - a module whose extra layer is unused
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1)}.get(name) or OPTIMIZERS[
+        "heavy_ball" if name == "unused" else name]
+    opt = make(model.parameters())
+    take_steps(model, opt, loss_fn, batch)
+    op = update_operator(model, opt, loss_fn, batch)
+    st = op.structure()
+    n = st.D.shape[0]
+    W = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    W = W * (st.D > 0)[:, None]  # S has no rows for parameters the loss does not reach
+    sq = st.D.sqrt()
+    U = sq[:, None] * W
+    if st.order == 1:
+        B, DinvU = U, None
+    else:
+        B, _ = _start_blocks(st, W, op.shape[0])
+        DinvU = B[n:, 3:]
+    before = op.n_hvp
+    HtU = st.hessian.matmat(U)
+    JB = _apply_J(st, U, HtU, DinvU)
+    assert op.n_hvp - before == 3  # one HVP per mode, none for the (0, D^-1 u) directions
+    torch.testing.assert_close(JB, op.matmat(B), rtol=1e-12, atol=1e-12)
+
+
+def test_structured_certificates_reuse_the_lanczos_hvps(monkeypatch):
+    """The J certificates cost no HVP beyond eigsh's own (its iteration plus k certificates)."""
+    import kappa_gpu._estimate as est
+
+    spy = _Spy(est.eigsh)
+    monkeypatch.setattr(est, "eigsh", spy)
+    model, opt, loss_fn, batch = _sharp_mlp()
+    rep = estimate(model, opt, loss_fn, batch, k=4, tol=1e-8)
+    assert rep.all_converged and len(spy.calls) == 1
+    res = spy.calls[0][1]
+    assert rep.n_hvp == res.n_matvec + res.n_matvec_certify
+    assert res.n_matvec_certify == 4
+
+
+@pytest.mark.parametrize("name", ["heavy_ball", "adam"])
+def test_structured_meets_tol_on_the_J_residuals(name):
+    """tol is the relative J residual, as for arnoldi: ||J x - z x|| <= tol |z| (unit x)."""
+    model, opt, loss_fn, batch = _sharp_mlp(name)
+    for tol in (1e-5, 1e-9):
+        rep = estimate(model, opt, loss_fn, batch, k=4, tol=tol)
+        assert rep.all_converged, rep.message
+        assert np.all(rep.residuals <= tol * np.abs(rep.eigenvalues))
+
+
+def test_structured_refines_modes_that_miss_tol(monkeypatch):
+    """When the Lanczos tolerance was too loose for J, block-Lanczos refinement fixes it."""
+    import kappa_gpu._estimate as est
+
+    spy = _Spy(est.eigsh)
+    monkeypatch.setattr(est, "eigsh", spy)
+    monkeypatch.setattr(est, "_tolerance_factor", lambda st, side: 1e3)  # far too loose
+    model, opt, loss_fn, batch = _sharp_mlp()
+    tol = 1e-8
+    rep = estimate(model, opt, loss_fn, batch, k=4, tol=tol)
+    assert 2 <= len(spy.calls) <= 4
+    first, second = spy.calls[0][0], spy.calls[1][0]
+    assert first["tol"] == pytest.approx(1e-5) and second["block_size"] == 4
+    assert second["tol"] < tol
+    assert rep.all_converged, rep.message
+    assert np.all(rep.residuals <= tol * np.abs(rep.eigenvalues))
+    assert rep.n_hvp == sum(r.n_matvec + r.n_matvec_certify for _, r in spy.calls)
+
+
+def test_arnoldi_refines_a_structured_warm_start(monkeypatch):
+    """method='arnoldi' started from a structured report: no new Lanczos run, a block start of
+    one column per mode, the same modes, and under half the matvecs of a cold arnoldi run."""
+    import kappa_gpu._estimate as est
+
+    model, opt, loss_fn, batch = _sharp_mlp(width=64)
+    rs = estimate(model, opt, loss_fn, batch, k=4, tol=1e-9)
+    spy_h, spy = _Spy(est.eigsh), _Spy(est.eigs)
+    monkeypatch.setattr(est, "eigsh", spy_h)
+    monkeypatch.setattr(est, "eigs", spy)
+    ra = estimate(model, opt, loss_fn, batch, k=4, tol=1e-9, method="arnoldi", warm_start=rs)
+    assert spy_h.calls == [] and "block size 4" in ra.target
+    assert ra.all_converged, ra.message
+    np.testing.assert_allclose(np.sort_complex(ra.eigenvalues), np.sort_complex(rs.eigenvalues),
+                               rtol=1e-7)
+    assert ra.kappa_V == pytest.approx(rs.kappa_V, rel=1e-4)
+    np.testing.assert_allclose(np.sort(ra.condition_numbers), np.sort(rs.condition_numbers),
+                               rtol=1e-4)
+    (kw, warm), _left = spy.calls
+    op = update_operator(model, opt, loss_fn, batch)
+    cold = est.eigs(op, k=8, which=kw["which"], tol=1e-9, ncv=kw["ncv"],
+                    generator=torch.Generator().manual_seed(0))
+    assert cold.converged_all
+    assert warm.n_matvec + warm.n_matvec_certify <= 0.5 * (cold.n_matvec + cold.n_matvec_certify)
+
+
+def test_arnoldi_from_an_older_structured_report_searches_first(monkeypatch):
+    """Ritz vectors of an earlier point are not this J's invariant subspace: they warm-start
+    the Lanczos run that builds the start block, and the report's point says they are old."""
+    import kappa_gpu._estimate as est
+
+    model, opt, loss_fn, batch = _sharp_mlp(width=64)
+    old = estimate(model, opt, loss_fn, batch, k=4, tol=1e-9)
+    take_steps(model, opt, loss_fn, batch, 1)
+    spy = _Spy(est.eigsh)
+    monkeypatch.setattr(est, "eigsh", spy)
+    ra = estimate(model, opt, loss_fn, batch, k=4, tol=1e-9, method="arnoldi", warm_start=old)
+    assert ra.point != old.point
+    assert len(spy.calls) == 1 and spy.calls[0][0]["v0"] is old.warm_vectors
+    assert ra.all_converged, ra.message
+    rs = estimate(model, opt, loss_fn, batch, k=4, tol=1e-9)
+    assert rs.point == ra.point
+    np.testing.assert_allclose(np.sort_complex(ra.eigenvalues), np.sort_complex(rs.eigenvalues),
+                               rtol=1e-7)
+
+
+def test_arnoldi_with_a_parameter_the_loss_does_not_reach():
+    """The structured start block divides by D^1/2: D = 0 entries must not make it NaN."""
+    net, batch, loss_fn = mlp_problem(seed=13)
+    model = torch.nn.ModuleDict({"net": net, "unused": torch.nn.Linear(2, 2).double()})
+    model.forward = lambda x: net(x)  # noqa: E731
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    take_steps(model, opt, loss_fn, batch)
+    rep = estimate(model, opt, loss_fn, batch, k=2, method="arnoldi")
+    assert rep.all_converged and np.isfinite(rep.kappa_V)
+    J = update_operator(model, opt, loss_fn, batch).to_dense().numpy()
+    assert np.max(match(rep.eigenvalues, np.linalg.eigvals(J))) < 1e-6
+
+
+def test_certificates_stay_exact_with_a_zero_learning_rate_group():
+    """A group with lr = 0 breaks the 2x2 structure (D = 0 where the Hessian still acts): the
+    certificates must see it. S W = D^1/2 Ht U loses Ht U there, so it is recomputed."""
+    model, batch, loss_fn = mlp_problem(seed=3, width=16)
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+                           {"params": model[2].parameters(), "lr": 0.1}], momentum=0.9)
+    take_steps(model, opt, loss_fn, batch)
+    opt.param_groups[1]["lr"] = 0.0
+    rep = estimate(model, opt, loss_fn, batch, k=2, method="structured")
+    assert not rep.all_converged and rep.residuals.max() > 1e-3
+    ra = estimate(model, opt, loss_fn, batch, k=2, method="arnoldi")
+    assert ra.all_converged, ra.message
+    J = update_operator(model, opt, loss_fn, batch).to_dense().numpy()
+    assert np.max(match(ra.eigenvalues, np.linalg.eigvals(J))) < 1e-6
