@@ -78,6 +78,7 @@ def estimate(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     process_group: Any = None,
+    backend: str = "auto",
 ) -> KappaReport:
     """How non-normal is the optimizer's update right now, and can the number be trusted?
 
@@ -124,6 +125,8 @@ def estimate(
             the same arguments (each with its own batch); every rank returns the same report.
             The generator's state is broadcast from the group's first rank. See
             ``docs/multi_gpu.md``; FSDP/FSDP2 models raise ``UnsupportedConfigurationError``.
+        backend: ``"auto"`` | ``"cupy"`` | ``"torch"``: where the block arithmetic of ``J``
+            runs (fused CuPy kernels on CUDA, see :func:`~kappa_gpu.update_operator`).
 
     Returns:
         A :class:`KappaReport`. It never raises for non-convergence: ``converged`` and
@@ -150,7 +153,7 @@ def estimate(
         raise ValueError(f"k must be a positive integer, got {k!r}")
 
     op = update_operator(model, optimizer, loss_fn, batch, variant=variant, seed=seed, dtype=dtype,
-                         process_group=process_group)
+                         process_group=process_group, backend=backend)
     tol = _default_tol(op.dtype) if tol is None else float(tol)
     if generator is None:
         # Never draw from the global RNG (the user's training run owns it): a private,

@@ -536,3 +536,16 @@ def test_certificates_stay_exact_with_a_zero_learning_rate_group():
     assert ra.all_converged, ra.message
     J = update_operator(model, opt, loss_fn, batch).to_dense().numpy()
     assert np.max(match(ra.eigenvalues, np.linalg.eigvals(J))) < 1e-6
+
+
+def test_backend_is_passed_to_the_operator():
+    """``estimate(backend=...)`` reaches update_operator: 'cupy' on CPU raises its clear error."""
+    model, batch, loss_fn = mlp_problem(seed=4)
+    opt = OPTIMIZERS["heavy_ball"](model.parameters())
+    take_steps(model, opt, loss_fn, batch)
+    with pytest.raises(ValueError, match="cupy"):
+        kg.estimate(model, opt, loss_fn, batch, k=2, backend="cupy")
+    with pytest.raises(ValueError, match="backend"):
+        kg.estimate(model, opt, loss_fn, batch, k=2, backend="nope")
+    r = kg.estimate(model, opt, loss_fn, batch, k=2, backend="torch")
+    assert r.converged.all()
