@@ -586,7 +586,8 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
             # modes, restarts (bench/bench_estimate.py). Not for Adam's full variant, whose
             # modes leave the frozen subspace: there a block run searches, and searches slowly.
             s_blk = W.shape[1]
-    kk = min(2 * k, N - 2)
+    # Two eigenvalues per mode (a 2x2 block), one for plain SGD (order 1).
+    kk = min((1 if st is not None and st.order == 1 else 2) * k, N - 2)
     if ncv is None:
         ncv = _eigs_ncv(kk, N, s_blk)
     if not kk + s_blk < ncv <= N:
@@ -649,6 +650,9 @@ def _start_blocks(st, W: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tens
     U = sq[:, None] * W
     # D^-1 u = D^-1/2 w; entries the loss does not reach have D = 0 and w = 0 there.
     DinvU = torch.where(sq[:, None] > 0, W / torch.where(sq > 0, sq, 1)[:, None], 0)
+    if st.order == 1:  # plain SGD: J = c - a D Ht, one direction per mode (u; left D^-1 u)
+        pad = torch.zeros(N - U.shape[0], U.shape[1], dtype=U.dtype, device=U.device)
+        return torch.cat([U, pad], 0), torch.cat([DinvU, pad], 0)
     zero = torch.zeros_like(U)
     pad = torch.zeros(N - 2 * U.shape[0], U.shape[1], dtype=U.dtype, device=U.device)
 

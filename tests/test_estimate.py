@@ -641,3 +641,21 @@ def test_chunked_moments_match_dense_float64(name, monkeypatch):
     got = est._condition_numbers(Xc, Yc, cols)
     assert np.isinf(got[2]) and np.isinf(ref[2])
     np.testing.assert_allclose(np.delete(got, 2), np.delete(ref, 2), rtol=1e-12)
+
+
+def test_plain_sgd_structured_and_arnoldi_agree_with_dense():
+    """SGD without momentum (J = I - lr Ht, order 1): one eigenvalue per mode on both paths."""
+    model, batch, loss_fn = mlp_problem(seed=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    take_steps(model, opt, loss_fn, batch)
+    k = 3
+    rs = estimate(model, opt, loss_fn, batch, k=k, method="structured", tol=1e-10)
+    ra = estimate(model, opt, loss_fn, batch, k=k, method="arnoldi", tol=1e-10)
+    assert rs.all_converged and ra.all_converged, (rs.message, ra.message)
+    assert len(rs.eigenvalues) == len(ra.eigenvalues) == k
+    J = update_operator(model, opt, loss_fn, batch).to_dense().numpy()
+    zd = np.linalg.eigvals(J)
+    want = np.sort(zd.real)[:k]  # sharpest curvatures: smallest 1 - lr s
+    np.testing.assert_allclose(np.sort(rs.eigenvalues.real), want, rtol=1e-8)
+    np.testing.assert_allclose(np.sort(ra.eigenvalues.real), want, rtol=1e-8)
+    assert ra.kappa_V == pytest.approx(rs.kappa_V, rel=1e-4)
