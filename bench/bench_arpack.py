@@ -23,9 +23,9 @@ What makes it a fair race:
 
 Engine overhead is the issue's definition: ``kg seconds / (kg matvecs x median bare matvec) - 1``
 (the bare matvec timed interleaved with the runs); the in-run split from a timing wrapper
-(``_common.Timed``: seconds inside the operator vs the rest) tells how much of it is the solver's
-own work and how much is the operator running slower inside the solver (its caches evicted by
-the Krylov basis).
+(``_common.Timed``: seconds inside the operator vs the rest; ``in_run_matvec_s`` is the former
+per matvec) tells how much of it is the solver's own work and how much is the operator running
+slower inside the solver (its caches evicted by the Krylov basis).
 
 Block sizes and warm starts: ``block_size`` 1/4/8 cold (same first start column, ``ncv`` raised
 with the block size, as a block cycle of ``ncv / s`` steps is a low-degree filter); then the
@@ -142,6 +142,7 @@ def race(op, v0, reps: int, block_sizes=(1,), warm=None, label="cold") -> dict:
            "bare_matvec_s": {str(s): median(b) for s, b in bare.items()},
            "arpack": {"seconds": median(times["arpack"]), "matvecs": n_ar,
                       "inside_operator_s": median(inside["arpack"]),
+                      "in_run_matvec_s": median(inside["arpack"]) / n_ar,
                       "eigenvalues": [[z.real, z.imag] for z in np.sort_complex(z_ref)]}}
     t_ar = out["arpack"]["seconds"]
     for key in [name for name in fns if name.startswith("kg_")]:
@@ -155,6 +156,7 @@ def race(op, v0, reps: int, block_sizes=(1,), warm=None, label="cold") -> dict:
             "tol": r.tol, "seconds": t, "matvecs": nmv, "n_matvec": r.n_matvec,
             "n_matvec_certify": r.n_matvec_certify, "restarts": r.n_restarts,
             "inside_operator_s": median(inside[key]),
+            "in_run_matvec_s": median(inside[key]) / nmv,
             "time_ratio": t / t_ar, "matvec_ratio": nmv / n_ar,
             "overhead": t / (nmv * tb) - 1.0,
             "outside_operator_fraction": 1.0 - median(inside[key]) / t,

@@ -255,3 +255,183 @@ def test_eigs_smallest_distance_to_sigma():
     assert r.converged_all
     d = np.sort(np.abs(z - 2.25))
     assert np.allclose(np.sort(np.abs(r.eigenvalues.numpy() - 2.25))[:2], d[:2], rtol=1e-8)
+
+
+# -- the Krylov basis: CGS2 in place, its refinement and breakdown paths, the panelled restart --
+def _ks_basis(A, k, ncv, dtype, seed=0, which="LM", sigma=None, tol=None):
+    """One Krylov-Schur run (restarts included) and the basis it leaves: ``(run, basis)``."""
+    from kappa_gpu.solvers._common import resolve_tol, start_block
+    from kappa_gpu.solvers._krylov_schur import _ks_run
+
+    gen = _gen(seed)
+    X0, _ = start_block(None, A, 1, gen, "eigs")
+    run = _ks_run(A, k, which, sigma, X0, ncv, 10_000, resolve_tol(tol, dtype), 1, gen, "eigs")
+    return run, run.basis
+
+
+def _orthogonality(basis, rows: int) -> float:
+    V = basis.V[:rows].to(torch.float64)
+    return float((V @ V.T - torch.eye(rows, dtype=torch.float64)).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cgs2_basis_orthonormal_and_arnoldi_relation_after_restarts(dtype):
+    # Non-normal (cond(V) = 1e4; 1e2 in float32, whose rounding of A alone moves eigenvalues by
+    # cond eps), restarts: the basis stays orthonormal at working precision, A V_m = V_{m+1} H
+    # holds to rounding, the Ritz values are numpy's eigenvalues of the same (rounded) matrix.
+    import kappa_gpu as kg
+
+    A, z = known_spectrum(300, 1e4 if dtype == torch.float64 else 1e2, seed=21)
+    op = kg.aslinearoperator(torch.as_tensor(A, dtype=dtype))
+    eps = float(torch.finfo(dtype).eps)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    run, basis = _ks_basis(op, 6, 16, dtype, tol=tol)
+    assert basis.n_restarts >= 1 and run.nconv == len(run.theta)
+    m = run.m
+    assert _orthogonality(basis, m + 1) <= 50 * eps
+    V = basis.V[: m + 1].to(torch.float64).numpy().T  # n x (m + 1)
+    H = basis.H[: m + 1, :m]
+    Ad = op.to_dense().to(torch.float64).numpy()  # A as the solver sees it
+    rel = np.linalg.norm(Ad @ V[:, :m] - V @ H) / np.linalg.norm(Ad, 2)
+    assert rel <= 100 * eps
+    agree = 1e-9 if dtype == torch.float64 else 1e-4
+    assert match_error(run.theta, wanted(np.linalg.eigvals(Ad), "LM", 6)) <= agree
+    r = eigs(op, k=6, ncv=16, tol=tol, generator=_gen())
+    assert r.converged_all
+    assert match_error(r.eigenvalues.numpy(), wanted(z, "LM", 6)) <= agree
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("delta", ["exact", 0.0, 1e-17, 1e-14, 1e-9, 1e-3, 10.0])
+def test_orthogonalize_refinement_and_breakdown_paths(dtype, delta, monkeypatch):
+    # w = V_k a + delta ||V_k a|| u (u orthogonal to V_k): from a vector in the span, exactly
+    # ("exact": V_k = unit vectors, the passes cancel to 0: a breakdown, a random unit vector
+    # comes back) or to rounding (refinement passes; rounding noise is kept as a new direction
+    # with beta ~ eps ||w||, as ARPACK's DGKS does), through near-breakdowns to a plain vector.
+    # Whatever the path: the result is unit and orthogonal to V_k at working precision, and
+    # w = V_k^T h + beta v.
+    import kappa_gpu as kg
+    from kappa_gpu.solvers._basis import KrylovBasis
+
+    n, k = 400, 12
+    eps = float(torch.finfo(dtype).eps)
+    g = torch.Generator().manual_seed(3)
+    if delta == "exact":
+        Q = torch.eye(n, k + 1, dtype=torch.float64)
+    else:
+        Q, _ = torch.linalg.qr(torch.randn(n, k + 1, dtype=torch.float64, generator=g))
+    op = kg.aslinearoperator(lambda x: x, shape=(n, n), dtype=dtype)
+    b = KrylovBasis(op, k + 4, 1, torch.Generator().manual_seed(4), "test")
+    b.V[:k] = Q[:, :k].T.to(dtype)
+    a = torch.randn(k, dtype=torch.float64, generator=g)
+    d = 0.0 if delta == "exact" else delta
+    w64 = Q[:, :k] @ a + d * float(a.norm()) * Q[:, k]
+    w = w64.to(dtype)
+    passes = []  # one product V_k x per Gram-Schmidt pass
+    mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *a: passes.append(1) or mv(*a))
+    h, beta, v = b._orthogonalize(w.clone(), 0, k, 0)
+    monkeypatch.undo()
+    Vk = b.V[:k].to(torch.float64)
+    v64 = v.to(torch.float64)
+    assert abs(float(v64.norm()) - 1.0) <= 10 * eps
+    assert float((Vk @ v64).abs().max()) <= 10 * eps
+    resid = w.to(torch.float64) - Vk.T @ torch.as_tensor(h) - beta * v64
+    assert float(resid.norm()) <= 20 * eps * float(w64.norm())
+    if delta == "exact":
+        assert beta == 0.0 and b.n_breakdowns == 1 and len(passes) == 3
+        assert v.data_ptr() != b.V[k].data_ptr()  # a fresh random vector
+    elif d * float(a.norm()) <= eps * float(w64.norm()):  # below rounding: noise, or breakdown
+        assert beta <= 10 * eps * float(w64.norm())
+    else:
+        assert beta > 0 and b.n_breakdowns == 0
+        assert beta == pytest.approx(d * float(a.norm()), rel=max(1e-6, 100 * eps / d))
+        assert v.data_ptr() == b.V[k].data_ptr()  # in place in its row
+    if d == 1e-3:
+        assert len(passes) == 2  # the first pass cancelled 1 - 1e-6 of the norm: refined once
+    if d == 10.0:
+        assert len(passes) == 1  # it cancelled 1%: no refinement
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("s,m,p", [(1, 20, 12), (1, 20, 20), (2, 10, 9), (1, 12, 1)])
+def test_restart_panels_equal_the_dense_product(dtype, s, m, p):
+    # n spans several 2^14-column panels (and a ragged last one): the in-place panelled
+    # V[:p] = Z^T V[:m] equals the one-shot product; the residual rows move to p .. p + s - 1.
+    import kappa_gpu as kg
+    from kappa_gpu.solvers._basis import KrylovBasis
+
+    n = 3 * (1 << 14) + 77
+    op = kg.aslinearoperator(lambda x: x, shape=(n, n), dtype=dtype)
+    b = KrylovBasis(op, m, s, None, "test")
+    g = torch.Generator().manual_seed(5)
+    b.V.copy_(torch.randn(m + s, n, dtype=dtype, generator=g))
+    b.H[:] = np.random.default_rng(5).standard_normal(b.H.shape)
+    V0 = b.V.clone().to(torch.float64)
+    Z, _ = np.linalg.qr(np.random.default_rng(6).standard_normal((m, m)))
+    Z1 = Z[:, :p]
+    b.restart(m, Z1, np.eye(p))
+    want = torch.as_tensor(Z1.T) @ V0[:m]
+    eps = float(torch.finfo(dtype).eps)
+    err = float((b.V[:p].to(torch.float64) - want).abs().max())
+    assert err <= 50 * eps * float(want.abs().max())
+    if p != m:
+        assert torch.equal(b.V[p : p + s].to(torch.float64), V0[m : m + s])
+    assert b.p == p and b.n_restarts == 1
+
+
+def test_eigs_float32_large_n_basis_stays_orthonormal():
+    # A matrix-free heavy-ball J with a diagonal Hessian (n = 2 x 20,000: restarts run over
+    # three panels): its eigenvalues in closed form (roots of the 2x2 blocks, and numpy's eig
+    # of them); float32 Krylov-Schur finds the largest |z| and keeps the basis orthonormal.
+    import kappa_gpu as kg
+
+    n2, eta, mu = 20_000, 0.05, 0.9
+    rng = np.random.default_rng(8)
+    s = np.concatenate([[-2.0, -1.5, -1.2, -1.0], rng.uniform(0.0, 8.0, n2 - 4)])
+    st = torch.as_tensor(s, dtype=torch.float32)
+
+    def mv(x):
+        th, bu = x[:n2], x[n2:]
+        hx = st * th
+        return torch.cat([th - eta * hx - eta * mu * bu, hx + mu * bu])
+
+    op = kg.aslinearoperator(mv, shape=(2 * n2, 2 * n2), dtype=torch.float32)
+    blocks = [np.array([[1 - eta * si, -eta * mu], [si, mu]]) for si in s[:4]]
+    top = np.concatenate([np.linalg.eigvals(B) for B in blocks])
+    top = top[np.argsort(-np.abs(top))][:4]
+    run, basis = _ks_basis(op, 4, 20, torch.float32, tol=1e-5)
+    assert run.nconv == len(run.theta) and basis.n_restarts >= 1
+    assert _orthogonality(basis, run.m + 1) <= 40 * float(torch.finfo(torch.float32).eps)
+    assert match_error(run.theta, top) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_orthogonalize_eager_refinement_agrees_with_waiting(dtype):
+    # After a step that needed the refinement the next one refines without waiting for its
+    # test; on a sequence mixing steps that need it and steps that do not, the results equal
+    # those of always waiting (up to rounding: an unneeded refinement moves nothing).
+    import kappa_gpu as kg
+    from kappa_gpu.solvers._basis import KrylovBasis
+
+    n, k = 300, 8
+    eps = float(torch.finfo(dtype).eps)
+    g = torch.Generator().manual_seed(11)
+    Q, _ = torch.linalg.qr(torch.randn(n, k + 1, dtype=torch.float64, generator=g))
+    op = kg.aslinearoperator(lambda x: x, shape=(n, n), dtype=dtype)
+    bases = [KrylovBasis(op, k + 2, 1, None, "test") for _ in range(2)]
+    for b in bases:
+        b.V[:k] = Q[:, :k].T.to(dtype)
+    eager_calls = 0
+    for d in [1e-3, 1e-2, 10.0, 1e-4, 1e-4, 3.0, 1e-3]:
+        a = torch.randn(k, dtype=torch.float64, generator=g)
+        w = (Q[:, :k] @ a + d * float(a.norm()) * Q[:, k]).to(dtype)
+        eager_calls += bases[1]._refine_next
+        bases[0]._refine_next = False  # always wait for the test
+        out = [b._orthogonalize(w.clone(), 0, k, 0) for b in bases]
+        (h0, b0, v0), (h1, b1, v1) = out
+        assert np.allclose(h0, h1, rtol=0, atol=10 * eps * float(a.norm()))
+        assert b1 == pytest.approx(b0, rel=100 * eps / d)
+        assert float((v0 - v1).abs().max()) <= 100 * eps / d
+        assert float((bases[1].V[:k] @ v1).abs().max()) <= 10 * eps
+    assert eager_calls >= 3  # the eager path was taken

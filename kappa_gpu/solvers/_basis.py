@@ -4,9 +4,11 @@ One preallocated ``(ncv + s, n)`` tensor ``V`` (``s`` = block size; row ``j`` is
 ``v_j``, contiguous, so the operator gets contiguous vectors and Gram-Schmidt reads contiguous
 memory, about 2x faster on a CPU than column storage) holds the orthonormal basis on
 ``A.device`` in ``A.dtype``; all ``O(n)`` work (operator applications, Gram-Schmidt as two
-matrix-vector products ``V w`` and ``V^T h``, restarts as one ``Z^T V`` product) stays there. The
-projected matrix ``H`` (``(ncv + s) x ncv``) lives in float64 numpy on the host; per Krylov step
-only the ``j`` Gram-Schmidt coefficients and a norm cross the bus.
+matrix-vector products ``V w`` and ``V^T h`` per pass, done in place in the new vector's row;
+restarts as one ``Z^T V`` product, in place over column panels) stays there. The projected
+matrix ``H`` (``(ncv + s) x ncv``) lives in float64 numpy on the host; per Krylov step only the
+Gram-Schmidt coefficients and two or three squared norms cross the bus, in one copy while the DGKS
+refinement keeps being needed (see :meth:`KrylovBasis._orthogonalize`).
 
 Invariant maintained (the Krylov decomposition, with ``V_m = V[:m].T`` the ``n x m`` basis)::
 
@@ -72,6 +74,7 @@ class KrylovBasis:
         self.p = 0  # columns [0, p) are the kept part after the last restart
         self._cycle_start = 0
         self.eps = float(torch.finfo(A.dtype).eps)
+        self._refine_next = False  # whether _orthogonalize refines without waiting for its test
 
     # -- operator application -----------------------------------------------------------------
     def _apply(self, j: int) -> torch.Tensor:
@@ -126,45 +129,86 @@ class KrylovBasis:
         return None
 
     def _orthogonalize(
-        self, w: torch.Tensor, lo: int, col: int, j: int, out: torch.Tensor | None = None
+        self, w: torch.Tensor, lo: int, col: int, j: int
     ) -> tuple[np.ndarray, float, torch.Tensor | None]:
         """Classical Gram-Schmidt of ``w`` against ``v_lo .. v_{col-1}`` with DGKS refinement.
 
-        Up to two extra passes, each only when the previous one cancelled more than
-        ``1 - 1/sqrt(2)`` of the norm (ARPACK's ``dnaitr`` rule). If the norm keeps collapsing,
-        ``w`` is numerically in the span: a breakdown, reported as ``beta = 0`` with a fresh random
-        vector orthogonal to the whole basis (or ``None`` when the basis spans R^n).
+        Up to two extra passes, each when the previous one cancelled more than
+        ``1 - 1/sqrt(2)`` of the norm (Daniel, Gragg, Kaufman & Stewart 1976; ARPACK's
+        ``dnaitr`` rule). If the norm keeps collapsing, ``w`` is numerically in the span: a
+        breakdown, reported as ``beta = 0`` with a fresh random vector orthogonal to the whole
+        basis (or ``None`` when the basis spans R^n).
+
+        Done in place in ``V[col]``, which the first update writes from ``w``: no allocation.
+        The first pass's test needs no extra product: ``||w - V^T h||^2 = w.w - h.h`` to
+        rounding, enough to decide a threshold at half the norm squared. A refinement pass's
+        product ``V[lo:col + 1] @ x`` (contiguous rows) gives its coefficients and ``x . x``
+        together. The new norm comes from a dot product: MKL's ``sdot`` sums with more partial
+        sums than its ``sgemv`` or torch's ``vector_norm`` (float32, n = 2e5: 6e-7 relative error
+        in ``x . x`` against 2e-6), and the norm's error is the diagonal of ``||V^T V - I||``.
+
+        Deciding the first refinement costs a device->host round trip between the passes (and,
+        on a CPU, lets the basis fall out of cache between its product and its update). When
+        the previous call needed it, it is made without waiting; its test is still evaluated,
+        on the same host copy, for the next call. Once a Krylov-Schur run starts to converge
+        ``A v`` lies mostly in the basis and every step needs the refinement (322 of 322 on
+        ``bench/bench_arpack.py``'s problem; about half of the steps of thick-restart Lanczos on
+        a Hessian).
 
         Returns:
             ``(h, beta, v)``: coefficients on ``v_lo .. v_{col-1}``, the new norm, the new unit
-            vector (written into ``out`` when given and there was no breakdown: saves an
-            ``n``-vector allocation and copy per step).
+            vector (a view of ``V[col]``, or a fresh tensor after a breakdown).
+
+        Cost: two sweeps over ``V[lo:col]`` per Gram-Schmidt pass (one product, one update),
+        one device->host copy per step when the refinement is needed on consecutive steps.
         """
-        Vk = self.V[lo:col]
-        h_dev = Vk @ w
-        host = self._to_host(h_dev, torch.linalg.vector_norm(w))
-        if not np.isfinite(host).all():
-            raise self._nonfinite(j)
-        h, norm0 = host[:-1].copy(), float(host[-1])
-        w = torch.addmv(w, Vk.T, h_dev, alpha=-1.0)
-        norm1 = float(torch.linalg.vector_norm(w))
-        passes = 0
-        breakdown = norm0 == 0.0
-        while not breakdown and norm1 <= _ETA * norm0:
-            if passes == 2:
+        x = self.V[col]
+        Vk, Vx = self.V[lo:col], self.V[lo : col + 1]
+        c = col - lo
+        h_dev = torch.mv(Vk, w)
+        ww_dev = torch.dot(w, w)
+        eager = self._refine_next
+        if not eager:
+            host = self._to_host(h_dev, ww_dev)
+            if not np.isfinite(host).all():
+                raise self._nonfinite(j)
+        if w.data_ptr() == x.data_ptr():
+            x.addmv_(Vk.T, h_dev, alpha=-1.0)
+        else:
+            torch.addmv(w, Vk.T, h_dev, alpha=-1.0, out=x)
+        if eager:
+            r = torch.mv(Vx, x)  # (g, x.x)
+            x.addmv_(Vk.T, r[:c], alpha=-1.0)
+            host = self._to_host(h_dev, ww_dev, r, torch.dot(x, x))
+            if not np.isfinite(host).all():
+                raise self._nonfinite(j)
+            h, ww = host[:c] + host[c + 1 : 2 * c + 1], float(host[c])
+            needed = ww > 0.0 and host[:c] @ host[:c] >= (1.0 - _ETA**2) * ww
+            xx, nn, passes = float(host[-2]), float(host[-1]), 1
+        else:
+            h, ww = host[:c].copy(), float(host[c])
+            needed = ww > 0.0 and h @ h >= (1.0 - _ETA**2) * ww
+            xx, nn, passes = 0.0, float(self._to_host(torch.dot(x, x))[0]), 0
+            if needed:
+                nn = -1.0  # force the first refinement below
+        breakdown = ww == 0.0
+        while not breakdown and nn <= _ETA**2 * xx:
+            if passes == 2:  # cancelled three times in a row: in the span
                 breakdown = True
                 break
-            g_dev = Vk @ w
-            w = torch.addmv(w, Vk.T, g_dev, alpha=-1.0)
-            h += self._to_host(g_dev)
-            norm0, norm1 = norm1, float(torch.linalg.vector_norm(w))
+            r = torch.mv(Vx, x)
+            x.addmv_(Vk.T, r[:c], alpha=-1.0)
+            g = self._to_host(r, torch.dot(x, x))
+            h += g[:c]
+            xx, nn = float(g[c]), float(g[-1])
             passes += 1
-        if breakdown or norm1 == 0.0:
+        self._refine_next = bool(needed)
+        norm = float(np.sqrt(max(nn, 0.0)))
+        if breakdown or norm == 0.0:
             self.n_breakdowns += 1
             return h, 0.0, self._random_orthogonal(col)
-        if out is not None:
-            return h, norm1, torch.div(w, norm1, out=out)
-        return h, norm1, w / norm1
+        x.mul_(1.0 / norm)
+        return h, norm, x
 
     def _project_block(
         self, W: torch.Tensor, hi: int, j: int
@@ -244,15 +288,14 @@ class KrylovBasis:
                     h, lo, beta, v = self._selective_step(W[:, i], j + i, col)
                 elif not blocked:
                     lo = 0
-                    h, beta, v = self._orthogonalize(W[:, i], 0, col, j + i, out=self.V[col])
+                    h, beta, v = self._orthogonalize(W[:, i], 0, col, j + i)
                 else:
                     lo = 0
                     if collapsed[i]:  # in the span of the old basis: a breakdown
                         self.n_breakdowns += 1
                         hn, beta, v = np.zeros(i), 0.0, self._random_orthogonal(col)
                     else:
-                        hn, beta, v = self._orthogonalize(W[i], j + s, col, j + i,
-                                                          out=self.V[col])
+                        hn, beta, v = self._orthogonalize(W[i], j + s, col, j + i)
                     h = np.concatenate([C[:, i], hn])
                 self.H[lo:col, j + i] = h
                 self.H[col, j + i] = beta
@@ -312,6 +355,28 @@ class KrylovBasis:
         return self.V[:m].T
 
     # -- restart --------------------------------------------------------------------------------
+    def _rotate(self, Z1: np.ndarray, m: int) -> None:
+        """``V[:p] = Z1^T V[:m]`` in place, over column panels of the ``(m, n)`` basis.
+
+        Each panel's product goes to a small scratch block and is copied back: no ``p x n``
+        temporary (it would add ``p / (ncv + s)`` of the basis to the peak memory, and on a CPU a
+        fresh multi-megabyte allocation per restart costs page faults), and the copy back reads
+        the block from cache. Panels of ``2^14`` columns on a CPU (the block fits in L2 next to
+        its inputs), ``2^22`` on other devices (a few kernel launches per restart).
+        """
+        p, n = Z1.shape[1], self.n
+        V = self.V
+        Zt = torch.as_tensor(np.ascontiguousarray(Z1.T), dtype=V.dtype).to(V.device)
+        width = 1 << (14 if V.device.type == "cpu" else 22)
+        panels = -(-n // width)
+        width = -(-n // panels)  # equal panels
+        buf = torch.empty(p * width, dtype=V.dtype, device=V.device)
+        for c0 in range(0, n, width):
+            c1 = min(n, c0 + width)
+            blk = buf[: p * (c1 - c0)].view(p, c1 - c0)
+            torch.mm(Zt, V[:m, c0:c1], out=blk)
+            V[:p, c0:c1] = blk
+
     def restart(
         self,
         m: int,
@@ -323,7 +388,8 @@ class KrylovBasis:
         """Krylov-Schur / thick restart: keep ``V_m Z1`` (``Z1`` orthonormal, ``m x p``).
 
         New decomposition: ``A (V_m Z1) = (V_m Z1) T11 + [v_m .. v_{m+s-1}] (B Z1)`` with ``B`` the
-        residual rows of ``H``. Costs one ``(n x m) @ (m x p)`` product on the device.
+        residual rows of ``H``. Costs one ``(n x m) @ (m x p)`` product on the device, done in
+        place (:meth:`_rotate`).
 
         Deflation (ARPACK's ``dnapps`` rule): a kept column whose coupling ``||(B Z1)[:, j]||`` is
         below ``eps * scale[j]`` (``scale`` = ``|theta_j|``; a conjugate pair, ``partner``, only
@@ -333,14 +399,12 @@ class KrylovBasis:
         """
         s, p = self.s, Z1.shape[1]
         B = self.H[m : m + s, :m].copy()
-        Zd = torch.as_tensor(Z1, dtype=self.V.dtype, device=self.V.device)
-        kept = Zd.T @ self.V[:m]
+        self._rotate(Z1, m)
         resid = self.V[m : m + s]
         if p < m < p + s:  # the residual rows would overlap their new place (blocks only)
             resid = resid.clone()
         if p != m:
             self.V[p : p + s] = resid
-        self.V[:p] = kept
         # Rows p + s .. are not cleared: the next expansion writes each before it is read.
         Bz = B @ Z1
         if scale is not None:
