@@ -295,8 +295,17 @@ class KrylovBasis:
                         self.n_breakdowns += 1
                         hn, beta, v = np.zeros(i), 0.0, self._random_orthogonal(col)
                     else:
+                        norm_in = float(torch.linalg.vector_norm(W[i])) if i else 0.0
                         hn, beta, v = self._orthogonalize(W[i], j + s, col, j + i)
                     h = np.concatenate([C[:, i], hn])
+                    if not collapsed[i] and v is not None and 0.0 < beta < _ETA * norm_in:
+                        # The projection on the block's own new columns cancelled most of the
+                        # column: what the old-basis pass left at the rounding level of the
+                        # larger norm is now that much larger relative to this one (it broke
+                        # the basis's orthogonality to 1e-7 in float64 for a warm start from
+                        # nearly invariant vectors). One more pass against the whole basis.
+                        h2, beta, v = self._orthogonalize(v * beta, 0, col, j + i)
+                        h = h + h2
                 self.H[lo:col, j + i] = h
                 self.H[col, j + i] = beta
                 if v is None:  # the basis spans R^n: the residual is exactly zero
