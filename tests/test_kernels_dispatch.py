@@ -23,6 +23,23 @@ from kappa_gpu._cuda._cases import assert_close, make_case
 CUDA = torch.device("cuda", 0)  # a device object needs no GPU: the choice is made before use
 
 
+def fake_cupy_without_nvrtc(monkeypatch) -> list:
+    """A CuPy that sees a CUDA device but cannot compile (no NVRTC): every choice sees CUDA
+    tensors, ``get_kernel`` raises. Returns the list of attempted compiles."""
+    real = _dispatch.resolve_backend
+    # the tensors are on the CPU here: let the choice see CUDA tensors and a working CuPy
+    monkeypatch.setattr(_dispatch, "resolve_backend", lambda b, d, dt=(): real(b, CUDA, dt))
+    monkeypatch.setattr(_cupy, "_STATUS", _cupy.CupyStatus(True, True, "CuPy 0.fake"))
+    calls: list = []
+
+    def no_nvrtc(*args, **kwargs):
+        calls.append(args)
+        raise OSError("libnvrtc.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(_cupy, "get_kernel", no_nvrtc)
+    return calls
+
+
 @pytest.fixture
 def fresh(monkeypatch):
     """Forget the process-wide CuPy probe and the warn-once flag for one test."""
@@ -146,17 +163,7 @@ def test_real_cupy_without_a_gpu_warns_once_and_falls_back(fresh):
 def test_compile_failure_falls_back_once_then_stays_on_torch(fresh, monkeypatch, gen):
     """A CuPy that sees a device but cannot compile (e.g. no NVRTC): one warning, torch results,
     and no second attempt."""
-    real = _dispatch.resolve_backend
-    # the tensors are on the CPU here: let the choice see CUDA tensors and a working CuPy
-    monkeypatch.setattr(_dispatch, "resolve_backend", lambda b, d, dt=(): real(b, CUDA, dt))
-    monkeypatch.setattr(_cupy, "_STATUS", _cupy.CupyStatus(True, True, "CuPy 0.fake"))
-    calls = []
-
-    def no_nvrtc(*args, **kwargs):
-        calls.append(args)
-        raise OSError("libnvrtc.so.13: cannot open shared object file")
-
-    monkeypatch.setattr(_cupy, "get_kernel", no_nvrtc)
+    calls = fake_cupy_without_nvrtc(monkeypatch)
     case = make_case("adam_full", 20, 2, torch.float32, gen)
     blocks = UpdateBlocks(case.params, case.coef)
     ins = case.ins["post"]

@@ -20,6 +20,7 @@ import warnings
 import pytest
 import torch
 from _cases import ADAM_CASES, SGD_CASES, cast_case, fd_jacobian, one_thread
+from test_kernels_dispatch import fake_cupy_without_nvrtc
 
 from kappa_gpu import update_operator
 from kappa_gpu._cuda import _cupy, _dispatch
@@ -165,16 +166,7 @@ def test_kernels_that_fail_to_compile_fall_back_once_to_the_torch_path(fresh, mo
     """CuPy sees a device but NVRTC is missing: the first product warns once and is still
     right (the kernels' torch reference), then the operator is on the torch path for good."""
     _see_cuda(monkeypatch)
-    real = _dispatch.resolve_backend
-    monkeypatch.setattr(_dispatch, "resolve_backend", lambda b, d, dt=(): real(b, CUDA, dt))
-    monkeypatch.setattr(_cupy, "_STATUS", _cupy.CupyStatus(True, True, "CuPy 0.fake"))
-    calls = []
-
-    def no_nvrtc(*args, **kwargs):
-        calls.append(args)
-        raise OSError("libnvrtc.so.13: cannot open shared object file")
-
-    monkeypatch.setattr(_cupy, "get_kernel", no_nvrtc)
+    calls = fake_cupy_without_nvrtc(monkeypatch)
     case = ADAM_CASES["adam-wd-gelu"]()
     op = update_operator(*case, variant="full")
     assert op.backend == "cupy" and "0.fake" in op.backend_reason
