@@ -10,7 +10,8 @@
 # 1. runs the kernel tests: tests/test_kernels*.py (the GPU ones included: the fused kernels vs
 #    the torch reference, and the update operators with backend="cupy" vs finite differences of
 #    real optimizer steps and vs backend="torch"), plus the device tests of tests/test_operators.py
-#    (on CUDA they take the fused path under backend="auto"); junit XML;
+#    (on CUDA they take the fused path under backend="auto"), and the solvers' CUDA tests (eigs,
+#    eigsh, kappa_V / condition numbers on CUDA vs the CPU); junit XML;
 # 2. runs the kernel benchmark: bench/bench_kernels.py (fused vs torch eager vs copy bandwidth);
 # 3. writes $OUT/gpu_check.json: environment, test counts and failures, benchmark targets.
 #
@@ -51,6 +52,9 @@ timeout $((BUDGET / 2)) "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ke
   tests/test_kernels_dispatch.py tests/test_kernels_reference.py \
   tests/test_operators.py::test_every_device_agrees_with_cpu \
   tests/test_operators.py::test_dropout_on_every_device_is_deterministic \
+  tests/test_solvers.py::test_eigs_cuda_matches_cpu \
+  tests/test_solvers_lanczos.py::test_eigsh_cuda_matches_cpu \
+  tests/test_conditioning.py::test_conditioning_on_cuda \
   --junitxml "$OUT/pytest_kernels.xml" 2>&1 | tee -a "$LOG"
 rc_tests=${PIPESTATUS[0]}
 
