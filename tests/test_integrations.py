@@ -14,17 +14,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _cases import one_thread
 
 ESTIMATE_KW = dict(k=2, tol=1e-3)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: intra-op threads only add synchronization (10x on a loaded 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread():
+    with one_thread():  # tiny models: extra intra-op threads only add synchronization
+        yield
 
 
 def _assert_records(records, n_min):

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _cases import one_thread
 
 from kappa_gpu._monitor import KappaMonitor
 
@@ -26,13 +27,9 @@ _estimate = pytest.importorskip("kappa_gpu._estimate", reason="kappa_gpu.estimat
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # The models here are tiny (10^2-10^3 parameters): intra-op threads only add
-    # synchronization, and on a loaded 2-core machine their spinning costs 10x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread():
+    with one_thread():  # tiny models: extra intra-op threads only add synchronization
+        yield
 
 
 def make_data(n_batches: int = 30, batch: int = 32, n_in: int = 8, n_out: int = 3, seed: int = 0):

@@ -155,15 +155,17 @@ def _trlan(
     floor = conv_floor(A.dtype)
     noise = float(torch.finfo(A.dtype).eps)
 
+    def allowed(z: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        # ARPACK's relative test, or the rounding floor of the decomposition
+        return np.maximum(tol * np.maximum(np.abs(z), floor), noise * np.abs(theta).max())
+
     def analyze(m: int):
         H = basis.H
         theta, Y = sym_ritz(H[:m, :m])
         order = order_real(theta, which)
         wanted = order[:k]
         est = np.linalg.norm(H[m : m + s, :m] @ Y[:, wanted], axis=0)
-        conv = est <= np.maximum(
-            tol * np.maximum(np.abs(theta[wanted]), floor), noise * np.abs(theta).max()
-        )
+        conv = est <= allowed(theta[wanted], theta)
         return theta, Y, order, wanted, est, conv
 
     while True:
@@ -190,8 +192,7 @@ def _trlan(
         # Semi-orthogonality (sqrt(eps)) keeps the Ritz values accurate, not the Ritz estimates
         # of the vectors: in float32 they can pass the test while the true residual is several
         # times tol. Certify by the true residuals instead (they are computed anyway).
-        allowed = np.maximum(tol * np.maximum(np.abs(z), floor), noise * np.abs(theta).max())
-        over = conv & (res > allowed)
+        over = conv & (res > allowed(z, theta))
         n_over = int(over.sum())
         conv = conv & ~over
         nconv = int(conv.sum())
