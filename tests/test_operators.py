@@ -393,21 +393,50 @@ def test_stale_operator_raises():
 
 
 # -- HVPs --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hvp", ["auto", "forward"])
 @pytest.mark.parametrize("arch", ["mlp", "bn", "dropout_bn"])
-def test_hessian_operator_matches_dense_hessian(arch):
+def test_hessian_operator_matches_dense_hessian(arch, hvp):
     model, opt, loss_fn, batch = sgd_case(arch, act="gelu")
-    H = hessian_operator(model, loss_fn, batch)
+    H = hessian_operator(model, loss_fn, batch, hvp=hvp)
     assert isinstance(H, HessianOperator) and H.shape == (H.shape[0], H.shape[0])
     params = [p for p in model.parameters() if p.requires_grad]
     Hd = dense_hessian(model, loss_fn, batch, params)
     assert rel_err(H.to_dense(), Hd) <= 1e-12
     x = torch.linspace(0, 1, H.shape[0], dtype=torch.float64)
     torch.testing.assert_close(H.rmatvec(x), H.matvec(x), rtol=0, atol=0)
-    assert H.hvp_mode == "forward-over-reverse"
+    # "auto": the gradient's graph, built once and kept; "forward": jvp(grad), nothing kept
+    cached = hvp == "auto"
+    assert H.hvp_mode == ("reverse-over-reverse" if cached else "forward-over-reverse")
+    assert (H._engine._graph is not None) == cached
     # explicit params, in another order
     rev = params[::-1]
-    Hr = hessian_operator(model, loss_fn, batch, params=rev)
+    Hr = hessian_operator(model, loss_fn, batch, params=rev, hvp=hvp)
     assert rel_err(Hr.to_dense(), dense_hessian(model, loss_fn, batch, rev)) <= 1e-12
+
+
+def test_cached_graph_products_are_repeatable_and_agree_with_forward_mode():
+    """The kept graph gives the same product every time (it is not consumed), one HVP counted
+    per column, and agrees with forward mode; the update operator is built on it too."""
+    model, opt, loss_fn, batch = sgd_case("dropout_bn", act="gelu")
+    Ja = update_operator(model, opt, loss_fn, batch)
+    Jf = update_operator(model, opt, loss_fn, batch, hvp="forward")
+    X = torch.randn(Ja.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    first = Ja.matmat(X)
+    torch.testing.assert_close(Ja.matmat(X), first, rtol=0, atol=0)
+    assert Ja.n_hvp == 6 and Ja.hvp_mode == "reverse-over-reverse"
+    assert rel_err(first, Jf.matmat(X)) <= 1e-12 and Jf.hvp_mode == "forward-over-reverse"
+    # a step makes the kept graph stale like the operator itself
+    opt.zero_grad()
+    loss_fn(model(batch[0]), batch[1]).backward()
+    opt.step()
+    with pytest.raises(StaleOperatorError):
+        Ja.matvec(X[:, 0])
+
+
+def test_bad_hvp_choice():
+    model, opt, loss_fn, batch = sgd_case()
+    with pytest.raises(ValueError, match="hvp must be one of 'auto', 'forward'"):
+        hessian_operator(model, loss_fn, batch, hvp="double")
 
 
 def test_hessian_of_a_list_of_batches_is_the_mean():
@@ -448,18 +477,19 @@ class _CubeModel(nn.Module):
 
 
 def test_reverse_over_reverse_fallback():
-    # F.mse_loss (mean) has no forward-mode rule in torch 2.13; a custom Function without jvp
+    # hvp="forward": F.mse_loss (mean) has no forward-mode rule in torch 2.13; a custom
+    # Function without jvp. The fallback rebuilds the graph per product (nothing kept).
     model, opt, _, batch = sgd_case()
-    ref = update_operator(model, opt, mse, batch)
-    fb = update_operator(model, opt, F.mse_loss, batch)
+    ref = update_operator(model, opt, mse, batch, hvp="forward")
+    fb = update_operator(model, opt, F.mse_loss, batch, hvp="forward")
     Jr, Jf = ref.to_dense(), fb.to_dense()
     assert ref.hvp_mode == "forward-over-reverse"
     assert fb.hvp_mode in ("reverse-over-reverse", "forward-over-reverse")  # torch may fix it
-    assert rel_err(Jf, Jr) <= 1e-12
+    assert rel_err(Jf, Jr) <= 1e-12 and fb._engine._graph is None
     cube = _CubeModel(copy.deepcopy(model))
-    H = hessian_operator(cube, mse, batch)
+    H = hessian_operator(cube, mse, batch, hvp="forward")
     Hd = H.to_dense()
-    assert H.hvp_mode == "reverse-over-reverse"
+    assert H.hvp_mode == "reverse-over-reverse" and H._engine._graph is None
     params = [p for p in cube.parameters() if p.requires_grad]
     assert rel_err(Hd, dense_hessian(cube, mse, batch, params)) <= 1e-12
     n = H.n_hvp
@@ -502,11 +532,74 @@ class _NoVmapModel(nn.Module):
 def test_vmap_fallback_applies_columns_one_by_one():
     model = _NoVmapModel().double()
     batch = make_batch()
-    H = hessian_operator(model, mse, batch)
+    H = hessian_operator(model, mse, batch, hvp="forward")
     Hd = H.to_dense()
     params = list(model.parameters())
     assert rel_err(Hd, dense_hessian(model, mse, batch, params)) <= 1e-12
     assert H.hvp_mode == "forward-over-reverse" and H._engine._vmap_ok is False
+
+
+class _OneMinusSquareNoDouble(torch.autograd.Function):
+    """1 - y^2 with a forward-mode rule but a backward that raises."""
+
+    @staticmethod
+    def forward(y):
+        return 1 - y * y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("no double backward through this tanh")
+
+    @staticmethod
+    def jvp(ctx, t):
+        (y,) = ctx.saved_tensors
+        return -2 * y * t
+
+
+class _TanhNoDoubleBackward(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again (reverse over reverse raises), with
+    forward-mode rules all the way (jvp of grad works)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * _OneMinusSquareNoDouble.apply(y)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (y,) = ctx.saved_tensors
+        return t * (1 - y * y)
+
+
+class _NoDoubleModel(_NoVmapModel):
+    def forward(self, x):
+        return _TanhNoDoubleBackward.apply(self.lin(x))
+
+
+def test_auto_falls_back_to_forward_mode_without_double_backward():
+    model = _NoDoubleModel().double()
+    plain = _NoVmapModel().double()
+    plain.load_state_dict(model.state_dict())
+    batch = make_batch()
+    H = hessian_operator(model, mse, batch)
+    Hd = H.to_dense()
+    assert H.hvp_mode == "forward-over-reverse" and H._engine._graph is None
+    assert "no double backward" in H._engine.fallback_reason
+    ref = dense_hessian(plain, mse, batch, list(plain.parameters()))  # the same function
+    assert rel_err(Hd, ref) <= 1e-12
 
 
 # -- bad input ---------------------------------------------------------------------------------
