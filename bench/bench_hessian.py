@@ -6,7 +6,8 @@ parameters, batch 256, float32) after three heavy-ball steps; ``k=6`` largest (`
 ``tol=1e-5``.
 
 Every solver but PyHessian itself is driven by the same matvec, ``kg.hessian_operator``
-(forward-over-reverse HVP), so the race is between the algorithms and their engines:
+(its default HVP: reverse-over-reverse through the gradient's graph, kept with the
+operator), so the race is between the algorithms and their engines:
 
 - ``kg.eigsh`` (thick-restart Lanczos), ``block_size`` 1/4/8 (``ncv`` raised with the block);
 - ARPACK through ``H.to_scipy()``, same ``k``, ``tol``, ``ncv`` and start (ARPACK applies the

@@ -232,7 +232,9 @@ def estimate(
     # Amplification beyond the spectral radius: max_t ||(T / rho)^t||, finite even when rho >= 1
     # (where max_t ||T^t|| is infinite and only the first `horizon` steps are shown).
     rho_T = float(np.max(np.abs(np.linalg.eigvals(T)))) if T.size else 0.0
-    normalized = transient_growth(T / rho_T, horizon=horizon) if rho_T > 0 else tg
+    # rho = 1 exactly: the computed spectral radius of T / rho_T is 1 - O(eps), which would
+    # read as a decay so slow that the default horizon runs to its 10,000-step cap.
+    normalized = transient_growth(T / rho_T, horizon=horizon, rho=1.0) if rho_T > 0 else tg
     kreiss = kreiss_lower_bound(T)
     curve = np.asarray(tg.curve, dtype=np.float64)
     tgrid = np.arange(len(curve))

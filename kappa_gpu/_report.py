@@ -62,7 +62,8 @@ class KappaReport:
             ||T^t|| for t = 0..horizon, ``growth_bounded`` False when rho >= 1 (then
             ``transient_growth`` is ``inf`` and the curve shows the first steps only).
         normalized_growth: max_t ||(T / rho)^t||, the amplification beyond what the spectral
-            radius alone predicts; finite also when rho >= 1 (1 for a normal T).
+            radius alone predicts; finite also when rho >= 1 (1 for a normal T). Taken over
+            t = 0..1000 (``horizon`` when given).
         kappa_bound_curve: kappa_V rho^t for the same t.
         kreiss_lower: a lower bound of the Kreiss constant of T.
         residuals: true residuals ||J x - z x|| (unit x, native coordinates) from the

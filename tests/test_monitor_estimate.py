@@ -146,9 +146,11 @@ def _warm_run(warm_start: bool):
 @pytest.mark.xfail(
     strict=False,
     reason="issue-6 target not met: measured median ratio 0.66 (first estimate 64 HVPs, warm "
-    "ones 41-43). A warm estimate costs at least k + 1 Lanczos steps plus k certificate HVPs "
-    "(17 at k=8), and after 10 SGD steps the Ritz vectors of this 3k-parameter MLP have moved "
-    "so far that Lanczos needs 30+ steps to shrink the change to tol (log law, README Monitor)",
+    "ones 32-43, each within 5% of a cold start at the same point). The top-8 curvature "
+    "subspace of this 3k-parameter MLP turns by 5-50 degrees (principal angles, even on one "
+    "fixed probe batch) between "
+    "estimates 10 SGD steps apart; a warm start pays only below ~1e-2 (16 vs 35 matvecs at "
+    "1e-3 on a fixed operator, 33 at 1e-1), the log law of README 'Monitoring a training run'",
 )
 def test_warm_start_target_40_percent():
     """Estimates every 10 steps after the first need at most 40% of the first one's HVPs."""

@@ -1,7 +1,8 @@
 """Matrix-free operators built from a model: Hessians and linearized optimizer updates.
 
 - :func:`hessian_operator` — the Hessian of ``loss_fn(model(inputs), targets)`` (one HVP per
-  column, forward-over-reverse with a reverse-over-reverse fallback).
+  column: reverse-over-reverse through the gradient's graph, kept with the operator, or
+  forward-over-reverse with ``hvp="forward"``; each falls back to the other).
 - :func:`update_operator` — the exact Jacobian ``J`` of one ``torch.optim`` SGD / Adam / AdamW
   step with respect to the optimizer state (DESIGN.md section 2), with its adjoint, and its
   :class:`BlockStructure` (DESIGN.md section 3) for the structured solvers.

@@ -553,7 +553,8 @@ class _HVPEngine:
         return self.flatten(out, batched=True).T.contiguous()
 
     def _reverse(self, V: torch.Tensor) -> torch.Tensor:
-        cols = [V] if V.ndim == 1 else [V[:, j] for j in range(V.shape[1])]
+        # columns as contiguous rows: one transposing copy instead of a strided gather per column
+        cols = [V] if V.ndim == 1 else list(V.T.contiguous())
         graph, cached = self._graph, self.hvp_choice != "forward"
         if graph is None:
             leaves = [p.detach().requires_grad_(True) for p in self.params]
