@@ -589,6 +589,38 @@ class _NoDoubleModel(_NoVmapModel):
         return _TanhNoDoubleBackward.apply(self.lin(x))
 
 
+class _TanhOnceDifferentiable(torch.autograd.Function):
+    """tanh whose backward is marked ``once_differentiable``: autograd cannot see through it."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _OnceDifferentiableModel(_NoVmapModel):
+    def forward(self, x):
+        return _TanhOnceDifferentiable.apply(self.lin(x))
+
+
+def test_a_backward_outside_autograd_is_an_error_not_a_zero_hessian():
+    # Double backward through a once_differentiable backward silently yields no gradient (the
+    # products would read 0; measured in torch 2.13): the engine refuses, naming the cause.
+    model = _OnceDifferentiableModel().double()
+    H = hessian_operator(model, mse, make_batch())
+    with pytest.raises(UnsupportedConfigurationError, match="once_differentiable"):
+        H.matvec(torch.ones(H.shape[0], dtype=torch.float64))
+
+
 def test_auto_falls_back_to_forward_mode_without_double_backward():
     model = _NoDoubleModel().double()
     plain = _NoVmapModel().double()

@@ -101,6 +101,10 @@ except ImportError:  # pragma: no cover - private name; fall back to the public 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+class _CutGraphError(UnsupportedConfigurationError):
+    """The gradient's graph does not reach the parameters (no second derivatives)."""
+
+
 class _HVPEngine:
     """Hessian-vector products of the loss with respect to ``params`` (flattened, in order).
 
@@ -496,6 +500,8 @@ class _HVPEngine:
             (mode, first), (other, second) = paths
             try:
                 out = first(V)
+            except _CutGraphError:
+                raise  # a property of the model: forward mode would not see through it either
             except Exception as err:
                 self.fallback_reason = f"{type(err).__name__}: {err}"
                 self._log("%s HVP failed (%s); using %s", mode, self.fallback_reason, other)
@@ -579,6 +585,19 @@ class _HVPEngine:
                     retain_graph=cached or j < len(cols) - 1,
                     allow_unused=True,
                 )
+                if all(h is None for h in hv):
+                    # The gradient depends on the parameters (it has a graph) but the second
+                    # backward pass reaches none of them: a backward computed outside autograd
+                    # (a custom autograd.Function marked once_differentiable, or one that
+                    # detaches). The Hessian would silently read 0.
+                    raise _CutGraphError(
+                        "the gradient's graph does not lead back to any parameter: a custom "
+                        "autograd.Function in the model or the loss computes its backward "
+                        "outside autograd (once_differentiable, or a detach), so second "
+                        "derivatives through it are not available and Hessian-vector products "
+                        "would read 0; give the Function a differentiable backward (torch "
+                        "operations on saved tensors) and a jvp"
+                    )
             outs.append(
                 self.flatten(
                     [
