@@ -461,3 +461,61 @@ def test_block_warm_start_with_nearly_parallel_residuals_keeps_the_basis_orthono
         # The estimates the convergence test used describe the returned vectors.
         assert np.all(res <= 5e-9 * np.abs(r.eigenvalues.numpy()) + 1e-13), (res, est)
         assert np.allclose(np.sort(r.eigenvalues.real.numpy())[::-1], d[:4], rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_symmetric_step_local_recurrence_first_same_decomposition_fewer_sweeps(dtype, monkeypatch):
+    # Thick-restart Lanczos on a symmetric matrix with a clustered top (a Hessian's shape): the
+    # local-first step gives an orthonormal basis and the Lanczos relation A V_m = V_{m+1} H at
+    # working precision, the same Ritz values as the plain full Gram-Schmidt, and its DGKS
+    # second pass fires on a few steps instead of nearly all (two sweeps per step, not four).
+    import kappa_gpu as kg
+    from kappa_gpu.solvers import _basis
+    from kappa_gpu.solvers._lanczos import eigsh
+
+    n, k = 400, 6
+    rng = np.random.default_rng(5)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.concatenate([1.0 - 0.01 * np.arange(10), 0.2 * rng.random(n - 10)])
+    A = (Q * lam) @ Q.T
+    op = kg.aslinearoperator(torch.as_tensor((A + A.T) / 2, dtype=dtype))
+    eps = float(torch.finfo(dtype).eps)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    refines = {}
+    real = _basis.KrylovBasis._orthogonalize
+
+    def counting(self, w, lo, col, j):
+        out = real(self, w, lo, col, j)
+        key = "symmetric" if self.symmetric else "plain"
+        refines[key] = refines.get(key, 0) + int(self._refine_next)
+        return out
+
+    monkeypatch.setattr(_basis.KrylovBasis, "_orthogonalize", counting)
+    r = eigsh(op, k=k, ncv=16, tol=tol, generator=_gen())
+    real_init = _basis.KrylovBasis.__init__
+
+    def plain_init(self, *a, **kw):
+        kw["symmetric"] = False
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(_basis.KrylovBasis, "__init__", plain_init)
+    r_plain = eigsh(op, k=k, ncv=16, tol=tol, generator=_gen())
+    assert r.converged_all and r_plain.converged_all
+    top = np.sort(lam)[::-1][:k]
+    assert match_error(r.eigenvalues.numpy(), top) <= (1e-12 if dtype == torch.float64 else 1e-5)
+    assert match_error(r.eigenvalues.numpy(), r_plain.eigenvalues.numpy()) <= 100 * eps
+    assert r.n_matvec <= r_plain.n_matvec + 2
+    assert float(r.residuals.max()) <= 10 * tol
+    assert refines["symmetric"] <= refines["plain"] / 3, refines
+    print(f"DGKS second passes: local-first {refines['symmetric']}, plain {refines['plain']}")
+
+    # the decomposition itself, after restarts: orthonormal, and the Lanczos relation
+    monkeypatch.setattr(_basis.KrylovBasis, "__init__", real_init)
+    b = _basis.KrylovBasis(op, 16, 1, _gen(), "test", symmetric=True)
+    x0 = torch.as_tensor(rng.standard_normal(n), dtype=dtype)
+    b.start((x0 / x0.norm())[:, None])
+    m = b.expand(16)
+    assert _orthogonality(b, m + 1) <= 50 * eps
+    V = b.V[: m + 1].to(torch.float64).numpy().T
+    rel = np.linalg.norm(A @ V[:, :m] - V @ b.H[: m + 1, :m]) / np.linalg.norm(A, 2)
+    assert rel <= 100 * eps

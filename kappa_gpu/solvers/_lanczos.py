@@ -150,7 +150,7 @@ def _trlan(
     reorth: str,
     generator: torch.Generator | None,
 ) -> EigResult:
-    basis = KrylovBasis(A, ncv, s, generator, "eigsh", reorth=reorth)
+    basis = KrylovBasis(A, ncv, s, generator, "eigsh", reorth=reorth, symmetric=True)
     basis.start(X0)
     floor = conv_floor(A.dtype)
     noise = float(torch.finfo(A.dtype).eps)
