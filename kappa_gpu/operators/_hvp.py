@@ -24,7 +24,15 @@ remembers):
    at the largest scales). Its own fallback, when forward-mode AD lacks an op the model or the
    loss uses (``F.huber_loss`` or ``F.mse_loss(reduction="mean")`` in torch 2.13, or a custom
    ``autograd.Function`` without ``jvp``), is reverse-over-reverse rebuilding the graph for
-   each product (nothing cached, as ``"forward"`` promises).
+   each product (nothing cached, as ``"forward"`` promises). If ``vmap`` fails on the model
+   (data-dependent control flow, in-place ops on unbatched tensors), its columns are applied
+   one at a time.
+
+Each failure is detected once per operator, logged on the ``kappa_gpu`` logger, and
+remembered; :attr:`HessianOperator.hvp_mode` says which path is in use. A gradient whose graph
+does not lead back to the parameters (a custom ``autograd.Function`` whose backward runs outside
+autograd, ``once_differentiable``) raises :class:`UnsupportedConfigurationError`: its Hessian
+products would silently read 0.
 
 Determinism and non-interference (what every product sees):
 
@@ -210,7 +218,7 @@ class _HVPEngine:
 
         self.n_hvp = 0
         self.hvp_choice = hvp
-        # (leaves, grads): the gradient's graph, kept for the products (hvp "auto"/"reverse")
+        # (leaves, grads): the gradient's graph, kept for the products (hvp="auto")
         self._graph: tuple[list[torch.Tensor], Sequence[torch.Tensor | None]] | None = None
         self.mode: str | None = None  # FORWARD_OVER_REVERSE / REVERSE_OVER_REVERSE once known
         self.fallback_reason: str | None = None
@@ -596,7 +604,9 @@ class _HVPEngine:
                         "outside autograd (once_differentiable, or a detach), so second "
                         "derivatives through it are not available and Hessian-vector products "
                         "would read 0; give the Function a differentiable backward (torch "
-                        "operations on saved tensors) and a jvp"
+                        "operations on saved tensors) and a jvp. (If the loss is truly linear in "
+                        "the parameters, so that its Hessian is 0, build the operator with "
+                        "hvp='forward'.)"
                     )
             outs.append(
                 self.flatten(
