@@ -560,28 +560,14 @@ class _OneMinusSquareNoDouble(torch.autograd.Function):
         return -2 * y * t
 
 
-class _TanhNoDoubleBackward(torch.autograd.Function):
+class _TanhNoDoubleBackward(_TanhNoVmap):
     """tanh whose backward cannot be differentiated again (reverse over reverse raises), with
     forward-mode rules all the way (jvp of grad works)."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return g * _OneMinusSquareNoDouble.apply(y)
-
-    @staticmethod
-    def jvp(ctx, t):
-        (y,) = ctx.saved_tensors
-        return t * (1 - y * y)
 
 
 class _NoDoubleModel(_NoVmapModel):
@@ -589,16 +575,8 @@ class _NoDoubleModel(_NoVmapModel):
         return _TanhNoDoubleBackward.apply(self.lin(x))
 
 
-class _TanhOnceDifferentiable(torch.autograd.Function):
+class _TanhOnceDifferentiable(_TanhNoVmap):
     """tanh whose backward is marked ``once_differentiable``: autograd cannot see through it."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
