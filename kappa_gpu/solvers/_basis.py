@@ -352,12 +352,11 @@ class KrylovBasis:
         x, Vl = self.V[col], self.V[lo : j + 1]
         g = torch.mv(Vl, w)
         torch.addmv(w, Vl.T, g, alpha=-1.0, out=x)
-        g_host = self._to_host(g)
-        if not np.isfinite(g_host).all():
-            raise self._nonfinite(j)
+        # (A non-finite w makes the pass below raise.) g is copied after that pass's own
+        # device->host copy has drained the queue: no extra wait on a GPU.
         h, beta, v = self._orthogonalize(x, 0, col, j)
         h = h.copy()
-        h[lo : j + 1] += g_host
+        h[lo : j + 1] += self._to_host(g)
         return h, beta, v
 
     def _selective_step(
