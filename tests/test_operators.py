@@ -433,6 +433,16 @@ def test_cached_graph_products_are_repeatable_and_agree_with_forward_mode():
         Ja.matvec(X[:, 0])
 
 
+def test_inference_mode_is_a_clear_error_and_no_grad_is_fine():
+    model, opt, loss_fn, batch = sgd_case()
+    with torch.inference_mode(), pytest.raises(UnsupportedConfigurationError, match="inference"):
+        update_operator(model, opt, loss_fn, batch)
+    ref = update_operator(model, opt, loss_fn, batch).to_dense()
+    with torch.no_grad():
+        J = update_operator(model, opt, loss_fn, batch)
+        assert rel_err(J.to_dense(), ref) <= 1e-14
+
+
 def test_bad_hvp_choice():
     model, opt, loss_fn, batch = sgd_case()
     with pytest.raises(ValueError, match="hvp must be one of 'auto', 'forward'"):

@@ -138,6 +138,12 @@ class _HVPEngine:
             )
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if torch.is_inference_mode_enabled():
+            raise UnsupportedConfigurationError(
+                "called under torch.inference_mode(): autograd is off there, so there are no "
+                "gradients or Hessian-vector products; call it outside inference_mode (under "
+                "torch.no_grad() it works: the operators enable gradients where they need them)"
+            )
         model, group = resolve_model(model, process_group)
         if not callable(loss_fn):
             raise TypeError(
