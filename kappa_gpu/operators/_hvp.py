@@ -14,7 +14,8 @@ remembers):
    batch 64: 12.8 vs 26.1 ms; 95k-parameter tanh MLP, batch 256: 2.4 vs 7.1 ms; a 2-layer
    transformer: 25.7 vs 63.8 ms; ``bench/bench_operators.py``). The price is memory: the
    graph (the activations and the first backward pass's intermediates, about what one training
-   step holds at its peak) lives as long as the operator.
+   step holds at its peak; for a list of batches, that of each batch together) lives as long as
+   the operator.
 2. **forward-over-reverse** (``hvp="forward"``, and the fallback of ``"auto"`` when the model
    or the loss has no double backward, e.g. a custom ``autograd.Function`` marked
    ``once_differentiable``): ``torch.func.jvp`` of ``torch.func.grad`` of the loss written with
