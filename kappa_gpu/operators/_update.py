@@ -469,9 +469,8 @@ def update_operator(
             through the gradient's graph, built once with the operator and kept while it lives
             (2-3x faster than forward mode on a CPU; memory: about one training step's
             activations, for each batch of a list), falling back to forward mode where the
-            model has no double
-            backward; ``"forward"``: ``jvp`` of ``grad``, nothing kept between products (the
-            memory-lean choice at the largest scales). ``op.hvp_mode`` says which is in use;
+            model has no double backward; ``"forward"``: ``jvp`` of ``grad``, nothing kept
+            between products (the memory-lean choice at the largest scales). ``op.hvp_mode`` says which is in use;
             the two agree to float rounding (:mod:`kappa_gpu.operators._hvp`).
 
     Returns:
