@@ -130,8 +130,9 @@ def estimate(
         backend: ``"auto"`` | ``"cupy"`` | ``"torch"``: where the block arithmetic of ``J``
             runs (fused CuPy kernels on CUDA, see :func:`~kappa_gpu.update_operator`).
         hvp: ``"auto"`` (reverse mode through the gradient's graph, kept for the estimate;
-            2-3x faster on a CPU) or ``"forward"`` (nothing kept between products: the
-            memory-lean choice at the largest scales); see :func:`~kappa_gpu.update_operator`.
+            2-3x faster on a CPU, and the lower peak memory in ``bench/bench_scaling.py``) or
+            ``"forward"`` (``jvp`` of ``grad``, nothing kept between products); see
+            :func:`~kappa_gpu.update_operator`.
 
     Returns:
         A :class:`KappaReport`. It never raises for non-convergence: ``converged`` and

@@ -21,13 +21,15 @@ remembers):
    ``once_differentiable``): ``torch.func.jvp`` of ``torch.func.grad`` of the loss written with
    ``torch.func.functional_call``; several columns at once through
    ``torch.func.vmap(..., randomness="same")``. Costs about one forward and one backward pass
-   with dual numbers per column, and keeps nothing between products (the memory-lean choice
-   at the largest scales). Its own fallback, when forward-mode AD lacks an op the model or the
-   loss uses (``F.huber_loss`` or ``F.mse_loss(reduction="mean")`` in torch 2.13, or a custom
-   ``autograd.Function`` without ``jvp``), is reverse-over-reverse rebuilding the graph for
-   each product (nothing cached, as ``"forward"`` promises). If ``vmap`` fails on the model
-   (data-dependent control flow, in-place ops on unbatched tensors), its columns are applied
-   one at a time.
+   with dual numbers per column, and keeps nothing between products; but a batched product
+   holds the dual activations of all its columns at once (the 8-column certificate of a
+   9.3M-parameter transformer: 16.9 GiB peak, against 3.2 GiB with the default, which applies
+   the columns one after the other through the kept graph). Its own fallback, when
+   forward-mode AD lacks an op the model or the loss uses (``F.huber_loss`` or
+   ``F.mse_loss(reduction="mean")`` in torch 2.13, or a custom ``autograd.Function`` without
+   ``jvp``), is reverse-over-reverse rebuilding the graph for each product (nothing cached, as
+   ``"forward"`` promises). If ``vmap`` fails on the model (data-dependent control flow, in-place
+   ops on unbatched tensors), its columns are applied one at a time.
 
 Each failure is detected once per operator, logged on the ``kappa_gpu`` logger, and
 remembered; :attr:`HessianOperator.hvp_mode` says which path is in use. A gradient whose graph

@@ -470,8 +470,9 @@ def update_operator(
             (2-3x faster than forward mode on a CPU; memory: about one training step's
             activations, for each batch of a list), falling back to forward mode where the
             model has no double backward; ``"forward"``: ``jvp`` of ``grad``, nothing kept
-            between products (the memory-lean choice at the largest scales). ``op.hvp_mode`` says which is in use;
-            the two agree to float rounding (:mod:`kappa_gpu.operators._hvp`).
+            between products (a batched product then holds the dual activations of all its
+            columns at once). ``op.hvp_mode`` says which is in use; the two agree to float
+            rounding (:mod:`kappa_gpu.operators._hvp`).
 
     Returns:
         An :class:`UpdateOperator`. Building it costs one gradient evaluation; each matvec and
