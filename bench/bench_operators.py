@@ -55,7 +55,7 @@ SIZE = os.environ.get("KAPPA_BENCH_SIZE", "small").lower()
 LR, MOMENTUM = 0.05, 0.9
 
 
-def build(size: str = SIZE, dtype: torch.dtype = torch.float32):
+def build(size: str = SIZE, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Model, heavy-ball SGD after one real step, loss, batch."""
     n_in, hidden, hidden2, n_out, nb = SIZES[size]
     gen = torch.Generator().manual_seed(0)
@@ -64,9 +64,9 @@ def build(size: str = SIZE, dtype: torch.dtype = torch.float32):
         model = nn.Sequential(
             nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden2), nn.Tanh(),
             nn.Linear(hidden2, n_out),
-        ).to(dtype)  # fmt: skip
-    x = torch.randn(nb, n_in, generator=gen, dtype=dtype)
-    y = torch.randint(0, n_out, (nb,), generator=gen)
+        ).to(dtype=dtype, device=device)  # fmt: skip
+    x = torch.randn(nb, n_in, generator=gen, dtype=dtype).to(device)
+    y = torch.randint(0, n_out, (nb,), generator=gen).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -104,15 +104,15 @@ def bare_hvp_cached(model, loss_fn, batch):
     return hvp
 
 
-def setup(size: str = SIZE, hvp_mode: str = "forward"):
+def setup(size: str = SIZE, hvp_mode: str = "forward", device: str = "cpu"):
     """Build both and check the operator's answer against the bare HVP (refuse wrong answers)."""
-    model, opt, loss_fn, batch = build(size)
+    model, opt, loss_fn, batch = build(size, device=device)
     op = update_operator(model, opt, loss_fn, batch, hvp=hvp_mode)
     hvp, primals = bare_hvp(model, loss_fn, batch)
     if hvp_mode == "auto":
         hvp = bare_hvp_cached(model, loss_fn, batch)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(op.shape[1], generator=gen, dtype=op.dtype)
+    x = torch.randn(op.shape[1], generator=gen, dtype=op.dtype).to(device)
     got = op.matvec(x)  # first: it also loads torch's forward-mode decompositions quietly
     x1, x2 = op.split(x)
     tangents, o = [], 0
@@ -141,8 +141,11 @@ def test_heavy_ball_matvec(benchmark, hvp_mode):
 
 
 def _time(fn, arg) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     fn(arg)
+    sync()
     return time.perf_counter() - t0
 
 
@@ -152,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-ratio", type=float, default=1.3)
+    ap.add_argument("--device", default="cpu", help="e.g. cuda (bench/gpu_check.sh runs it there)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     ok = True
     meds = {}
     for mode in ("auto", "forward"):
-        op, x, hvp, tangents = setup(args.size, mode)
+        op, x, hvp, tangents = setup(args.size, mode, args.device)
         base = "reverse-over-reverse, cached graph" if mode == "auto" else "torch.func jvp(grad)"
         print(f"{args.size}: n = {op.n_params:,} parameters, operator {op.shape}, "
               f"{torch.get_num_threads()} threads, hvp={mode!r} -> {op.hvp_mode}")  # fmt: skip

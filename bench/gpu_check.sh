@@ -12,7 +12,9 @@
 #    real optimizer steps and vs backend="torch"), plus the device tests of tests/test_operators.py
 #    (on CUDA they take the fused path under backend="auto"), and the solvers' CUDA tests (eigs,
 #    eigsh, kappa_V / condition numbers on CUDA vs the CPU); junit XML;
-# 2. runs the kernel benchmark: bench/bench_kernels.py (fused vs torch eager vs copy bandwidth);
+# 2. runs the kernel benchmark: bench/bench_kernels.py (fused vs torch eager vs copy bandwidth),
+#    then bench/bench_operators.py on the GPU (the default HVP through the kept graph vs
+#    jvp(grad): the default was chosen on a CPU) into $OUT/bench_operators.txt;
 # 3. writes $OUT/gpu_check.json: environment, test counts and failures, benchmark targets.
 #
 # Results go to $OUT (default: out/gpu_check, git-ignored): gpu_check.json, bench_kernels.json,
@@ -67,6 +69,17 @@ if [ "$left" -gt 30 ]; then
 else
   echo "no time left for the benchmark" | tee -a "$LOG"
   rc_bench=124
+fi
+
+echo "== HVP modes on the GPU (bench/bench_operators.py: kept graph vs jvp(grad))" | tee -a "$LOG"
+left=$((BUDGET - SECONDS - 15))
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "no CUDA device: skipped" | tee -a "$LOG"
+elif [ "$left" -gt 40 ]; then
+  timeout 60 "$PY" bench/bench_operators.py --size 1m --reps 10 --device cuda \
+    2>&1 | tee "$OUT/bench_operators.txt" | tee -a "$LOG"
+else
+  echo "no time left for the HVP-mode benchmark" | tee -a "$LOG"
 fi
 
 "$PY" - "$OUT" "$rc_tests" "$rc_bench" "$SECONDS" <<'PYEOF' 2>&1 | tee -a "$LOG"
