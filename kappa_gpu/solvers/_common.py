@@ -177,11 +177,11 @@ def ritz_vectors(V: torch.Tensor, C: np.ndarray, complex_out: bool) -> torch.Ten
     ``C`` is a small complex128 (or float64) host matrix of coefficients; for a real ``V`` the
     real and imaginary parts are applied separately (two real GEMMs, no complex copy of ``V``).
 
-    Computed in row layout, ``(C^T V^T)`` with ``V^T`` the basis' contiguous rows, and returned
-    as the transposed ``(n, k)`` view of a contiguous ``(k, n)`` tensor: on a CPU the row-layout
-    product and its per-vector reductions are 2-3x faster than the column layout (n = 1e6,
-    m = 24, k = 8: 36 vs 72 ms for the product, 26 ms for a column-wise argmax), and a
-    batched HVP of the result gets its columns as rows without a copy.
+    Computed in row layout, ``(C^T V^T)`` with ``V^T`` the basis' contiguous rows: on a CPU the
+    row-layout product and its per-vector reductions are 2-3x faster than the column layout
+    (n = 1e6, m = 24, k = 8: 36 vs 72 ms for the product, 26 ms for a column-wise argmax). The
+    result is returned as a contiguous ``(n, k)`` tensor (one transposing copy), as users and
+    their operators may ``view`` it.
     """
     dt = V.dtype
     Vr = V.T  # (m, n): the basis rows
@@ -204,7 +204,7 @@ def ritz_vectors(V: torch.Tensor, C: np.ndarray, complex_out: bool) -> torch.Ten
         top = X[torch.arange(X.shape[0], device=X.device), idx]
         phase = top / torch.where(top.abs() > 0, top.abs(), torch.ones_like(top.abs()))
         X = X / torch.where(phase.abs() > 0, phase, torch.ones_like(phase))[:, None]
-    return X.T
+    return X.T.contiguous()
 
 
 def true_residuals(
