@@ -280,6 +280,17 @@ def transformer_problem(size: float, *, seed: int = 0, batch: int = 32, seq: int
     return model, opt, loss_fn, (tokens, y)
 
 
+def train_more(prob: dict, steps: int) -> None:
+    """``steps`` more full-batch optimizer steps on a problem dict (model, opt, loss_fn, data),
+    gradients cleared after: the point a warm-start race moves to."""
+    model, opt, loss_fn, (X, y) = prob["model"], prob["opt"], prob["loss_fn"], prob["data"]
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()
+    opt.zero_grad()
+
+
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -351,15 +362,23 @@ def pyhessian_power(H: kg.LinearOperator, top_n: int, *, max_iter: int = 100, to
 
 
 # -- memory ---------------------------------------------------------------------------------------
-def vm_hwm_bytes() -> int:
-    """Peak resident set size of this process (``VmHWM``; ``ru_maxrss`` where /proc is absent)."""
+def _proc_status_bytes(key: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in bytes; None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident set size of this process (``VmHWM``; ``ru_maxrss`` where /proc is absent)."""
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -367,14 +386,8 @@ def vm_hwm_bytes() -> int:
 
 def vm_rss_bytes() -> int:
     """Current resident set size of this process (``VmRSS``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return vm_hwm_bytes()
+    rss = _proc_status_bytes("VmRSS")
+    return rss if rss is not None else vm_hwm_bytes()
 
 
 def run_child(module: str, func: str, kwargs: dict, timeout: float | None = None) -> dict:

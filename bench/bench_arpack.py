@@ -59,6 +59,7 @@ from _common import (
     mlp_problem,
     n_params,
     set_threads,
+    train_more,
 )
 
 import kappa_gpu as kg
@@ -168,13 +169,8 @@ def race(op, v0, reps: int, block_sizes=(1,), warm=None, label="cold") -> dict:
 
 def warm_race(prob: dict, prev, reps: int, steps: int, block_sizes=(1, 8)) -> dict:
     """Train ``steps`` more SGD steps; solve the new operator cold and warm from ``prev``."""
-    model, opt, loss_fn, (X, y) = prob["model"], prob["opt"], prob["loss_fn"], prob["data"]
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(model(X), y).backward()
-        opt.step()
-    opt.zero_grad()
-    op2 = kg.update_operator(model, opt, loss_fn, (X, y))
+    train_more(prob, steps)
+    op2 = kg.update_operator(prob["model"], prob["opt"], prob["loss_fn"], prob["data"])
     v0 = prob["v0"]
     z_ref, _, _ = run_arpack(op2, v0)
     W = prev.eigenvectors  # complex: eigs uses the real and imaginary parts

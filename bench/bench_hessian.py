@@ -56,6 +56,7 @@ from _common import (
     n_params,
     pyhessian_power,
     set_threads,
+    train_more,
 )
 
 import kappa_gpu as kg
@@ -78,13 +79,8 @@ def warm_race(prob: dict, prev: torch.Tensor, reps: int, k: int = K, tol: float 
               steps: int = 1, block_sizes=(1, 8)) -> dict:
     """Train ``steps`` more SGD steps, then the new Hessian's top-k cold and warm from ``prev``
     (the previous eigenvectors; ARPACK gets their sum)."""
-    model, opt, loss_fn, (X, y) = prob["model"], prob["opt"], prob["loss_fn"], prob["data"]
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(model(X), y).backward()
-        opt.step()
-    opt.zero_grad()
-    H2 = kg.hessian_operator(model, loss_fn, (X, y))
+    train_more(prob, steps)
+    H2 = kg.hessian_operator(prob["model"], prob["loss_fn"], prob["data"])
     v0 = prob["v0"]
     z_ref, _ = run_arpack(H2, v0, k, tol)
     w_ar = np.ascontiguousarray(prev.sum(dim=1).numpy())

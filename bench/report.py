@@ -47,6 +47,19 @@ def _f(x, fmt=".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def md_warm(w: dict | None, count_key: str, count_label: str) -> list[str]:
+    """The warm-start table of a race (``bench_arpack``/``bench_hessian`` ``warm_race``)."""
+    if not w:
+        return []
+    out = ["", f"Warm starts ({w['label']}; median of {w['reps']}):", "",
+           f"| run | seconds | {count_label} | time vs ARPACK cold |", "|---|---|---|---|"]
+    for name, r in w.items():
+        if isinstance(r, dict):
+            out.append(f"| {name} | {r['seconds']:.2f} | {r[count_key]} | "
+                       f"**{r['time_ratio_vs_arpack_cold']:.2f}x** |")
+    return out
+
+
 def md_arpack(res: dict) -> list[str]:
     p, c = res["problem"], res["cold"]
     ar = c["arpack"]
@@ -87,15 +100,7 @@ def md_arpack(res: dict) -> list[str]:
                 f"overhead **{m['overhead']:+.0%}** ({m['outside_operator_fraction']:.0%} of the "
                 f"wall time outside the operator); at ARPACK's convergence test: time "
                 f"{m['arpack_tol_time_ratio']:.2f}x, matvecs {m['arpack_tol_matvec_ratio']:.2f}x."]
-    w = res.get("warm")
-    if w:
-        out += ["", f"Warm starts ({w['label']}; median of {w['reps']}):", "",
-                "| run | seconds | matvecs | time vs ARPACK cold |", "|---|---|---|---|"]
-        for name, r in w.items():
-            if isinstance(r, dict):
-                out.append(f"| {name} | {r['seconds']:.2f} | {r['matvecs']} | "
-                           f"**{r['time_ratio_vs_arpack_cold']:.2f}x** |")
-    return out
+    return out + md_warm(res.get("warm"), "matvecs", "matvecs")
 
 
 def md_batch(res: dict) -> list[str]:
@@ -144,15 +149,7 @@ def md_hessian(res: dict) -> list[str]:
                 + ", ".join(f"{x:.5g}" for x in res["reference_eigenvalues"])
                 + "; largest magnitude (LM, power iteration's target): "
                 + ", ".join(f"{x:.5g}" for x in res["reference_eigenvalues_LM"]) + "."]
-    w = res.get("warm")
-    if w:
-        out += ["", f"Warm starts ({w['label']}; median of {w['reps']}):", "",
-                "| run | seconds | HVPs | time vs ARPACK cold |", "|---|---|---|---|"]
-        for name, r in w.items():
-            if isinstance(r, dict):
-                out.append(f"| {name} | {r['seconds']:.2f} | {r['hvps']} | "
-                           f"**{r['time_ratio_vs_arpack_cold']:.2f}x** |")
-    return out
+    return out + md_warm(res.get("warm"), "hvps", "HVPs")
 
 
 def magnitude_error(got, ref) -> float:
