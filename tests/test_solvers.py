@@ -464,7 +464,7 @@ def test_block_warm_start_with_nearly_parallel_residuals_keeps_the_basis_orthono
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_symmetric_step_local_recurrence_first_same_decomposition_fewer_sweeps(dtype, monkeypatch):
+def test_local_first_step_symmetric_same_decomposition_fewer_sweeps(dtype, monkeypatch):
     # Thick-restart Lanczos on a symmetric matrix with a clustered top (a Hessian's shape): the
     # local-first step gives an orthonormal basis and the Lanczos relation A V_m = V_{m+1} H at
     # working precision, the same Ritz values as the plain full Gram-Schmidt, and its DGKS

@@ -344,9 +344,7 @@ class KrylovBasis:
         ``bench/bench_arpack.py`` (``J = I - small``, 94-98% of ``||A v_j||^2`` along ``v_j``)
         removing ``v_j`` first left the second pass on 85% of the steps and saved no time.
         """
-        lo = 0
-        if self.symmetric:
-            lo = 0 if j == self._cycle_start else max(0, j - 1)
+        lo = self._recurrence_start(j) if self.symmetric else 0
         if lo == 0:
             return self._orthogonalize(w, 0, col, j)
         x, Vl = self.V[col], self.V[lo : j + 1]
@@ -354,10 +352,14 @@ class KrylovBasis:
         torch.addmv(w, Vl.T, g, alpha=-1.0, out=x)
         # (A non-finite w makes the pass below raise.) g is copied after that pass's own
         # device->host copy has drained the queue: no extra wait on a GPU.
-        h, beta, v = self._orthogonalize(x, 0, col, j)
-        h = h.copy()
+        h, beta, v = self._orthogonalize(x, 0, col, j)  # h: a fresh host array
         h[lo : j + 1] += self._to_host(g)
         return h, beta, v
+
+    def _recurrence_start(self, j: int) -> int:
+        """The first basis vector a symmetric step's local recurrence involves: the whole kept
+        block on the first step of a cycle (the arrow of thick restart), else ``v_{j-1}``."""
+        return 0 if j == self._cycle_start else max(0, j - 1)
 
     def _selective_step(
         self, w: torch.Tensor, j: int, col: int
@@ -372,7 +374,7 @@ class KrylovBasis:
         coefficients are not added to ``H`` (they are rounding noise by construction).
         """
         c0 = self._cycle_start
-        lo = 0 if j == c0 else max(0, j - 1)
+        lo = self._recurrence_start(j)
         if 0 < c0 < lo:
             # Thick restart keeps unconverged Ritz vectors too; the recurrence leaks rounding
             # into them at a rate that grows with each restart, so new vectors are always
