@@ -349,17 +349,18 @@ def _sym_operator(structure):
     sq = structure.D.to(H.dtype).sqrt()
 
     def mv(x):
-        return sq * H.matvec(sq * x)
+        return H.matvec(sq * x).mul_(sq)  # Hessian products are fresh tensors
 
     def mm(X):
-        return sq[:, None] * H.matmat(sq[:, None] * X)
+        return H.matmat(sq[:, None] * X).mul_(sq[:, None])  # the product is a fresh tensor
 
     return aslinearoperator(mv, shape=H.shape, dtype=H.dtype, device=H.device, rmatvec=mv,
                             matmat=mm, rmatmat=mm), sq
 
 
-def _hessian_of_modes(st, sq: torch.Tensor, res, W: torch.Tensor, U: torch.Tensor):
-    """Ht U for U = D^1/2 W, from eigsh's certificate products S W = D^1/2 Ht U (no HVP).
+def _hessian_of_modes(st, sq: torch.Tensor, res, W: torch.Tensor) -> torch.Tensor | None:
+    """Ht U for U = D^1/2 W when eigsh's certificate products S W = D^1/2 Ht U cannot give it:
+    ``None`` when they can (no HVP; :class:`_Subspace` forms Ht U = D^-1/2 S W row by row).
 
     Where D = 0 the products lose Ht U: there it is 0 on entries the loss does not reach (their
     Hessian rows are 0, and u = 0), but not on reached entries with lr = 0 -- then (and if the
@@ -369,8 +370,8 @@ def _hessian_of_modes(st, sq: torch.Tensor, res, W: torch.Tensor, U: torch.Tenso
     zero = sq == 0
     reached_zero = zero if st.active is None else zero & st.active.to(zero.device)
     if SW is None or tuple(SW.shape) != tuple(W.shape) or bool(reached_zero.any()):
-        return st.hessian.matmat(U)
-    return torch.where(zero[:, None], 0, SW.to(U.dtype) / torch.where(zero, 1, sq)[:, None])
+        return st.hessian.matmat(sq[:, None] * W)
+    return None
 
 
 def _eigsh_ncv(k: int, n: int) -> int:
@@ -500,15 +501,12 @@ def _structured_modes(op, st, sq, res, which, tol) -> dict[str, Any]:
     W = res.eigenvectors.real if res.eigenvectors.is_complex() else res.eigenvectors
     W = W.to(op.dtype)
     m = W.shape[1]
-    U = sq[:, None] * W  # u = D^1/2 w
-    # D^-1 u = D^-1/2 w; entries the loss does not reach have D = 0 and w = 0 there.
-    DinvU = torch.where(sq[:, None] > 0, W / torch.where(sq > 0, sq, 1)[:, None], 0)
-    HtU = _hessian_of_modes(st, sq, res, W, U)
-    # Certificates with the real operator: J(u, 0) and J(0, D^-1 u) for every mode, by the
-    # operator's formulas from the true Hessian products; every eigenvector of the modes is a
-    # combination of them. The basis B = [(U, 0) | (0, D^-1 U)] and J B are never stored:
-    # _moments forms their rows chunk by chunk.
-    basis = _Subspace(st=st, U=U, DinvU=DinvU, HtU=HtU)
+    HtU = _hessian_of_modes(st, sq, res, W)
+    # Certificates with the real operator: J(u, 0) and J(0, D^-1 u) for every mode (u = D^1/2 w),
+    # by the operator's formulas from the true Hessian products; every eigenvector of the modes
+    # is a combination of them. The basis B = [(U, 0) | (0, D^-1 U)] and J B are never stored:
+    # they are formed row chunk by row chunk from W, D and S W (or Ht U).
+    basis = _Subspace(st=st, W=W, sq=sq, SW=res.images if HtU is None else None, HtU=HtU)
     lanczos_ok = np.asarray(res.converged, dtype=bool)
     if st.order == 1:
         c, a = (float(t.reshape(-1)[0]) for t in (st.c, st.a))
@@ -538,7 +536,9 @@ def _structured_modes(op, st, sq, res, which, tol) -> dict[str, Any]:
         conv_solver = np.repeat(lanczos_ok, 2)
     # One float64 pass over the rows: the Gram matrices of B and of the left basis, B^T J B
     # (kept for the geometry) and the residuals of B C, scaled below (they are linear in C).
-    mom = _moments([basis], C, z2)
+    mom = _structured_moments(basis, C, z2, s, mode_of)
+    if mom is None:  # Ht U from HVPs (no certificate products to use), or a general C
+        mom = _moments([basis], C, z2)
     norm = np.sqrt(np.real(np.einsum("ij,ik,kj->j", C.conj(), mom.G, C)))
     C = C / norm[None, :]
     Cl = Cl / np.sqrt(np.real(np.einsum("ij,ik,kj->j", Cl.conj(), mom.GL, Cl)))[None, :]
@@ -734,21 +734,46 @@ class _Subspace:
     """A real basis B (N x p) of a computed invariant subspace with its image J B, read row
     chunk by row chunk (:meth:`rows`); :func:`_moments` never holds a float64 copy of either.
 
-    Structured (``st``, ``U``, ``DinvU``, ``HtU`` given): B = [(U, 0) | (0, D^-1 U)] (order 2)
-    or B = U (order 1), with U = D^1/2 W for S's Ritz vectors W. Its zero blocks are not stored,
-    and J B is formed chunk by chunk from the Hessian products by the operator's formulas
-    (:func:`_apply_J`, in float64): U, D^-1 U and Ht U are kept (3 n m entries where a dense B
-    and J B take 8 n m). The left basis Bl = [(D^-1 U, 0) | (0, U)] (order 1: D^-1 U) comes
-    along. Dense (``B``, ``JB`` given; arnoldi): B and J B as computed.
+    Structured (``st``, ``W``, ``sq`` and ``SW`` or ``HtU`` given): B = [(U, 0) | (0, D^-1 U)]
+    (order 2) or B = U (order 1), with U = D^1/2 W for S's Ritz vectors W and sq = D^1/2. Only
+    W and the Hessian products are kept -- S W from eigsh's certificates (Ht U = D^-1/2 S W) or
+    Ht U itself -- and U, D^-1 U, Ht U and J B are formed row chunk by row chunk by the
+    operator's formulas (:func:`_apply_J`, in float64): 2 n m stored entries where a dense B and
+    J B take 8 n m. The left basis Bl = [(D^-1 U, 0) | (0, U)] (order 1: D^-1 U) comes along.
+    Entries with D = 0 are 0 in U, D^-1 U and Ht U (the loss does not reach them, or the
+    Hessian products came from ``HtU``). Dense (``B``, ``JB`` given; arnoldi): B and J B as
+    computed.
     """
 
-    def __init__(self, *, B=None, JB=None, st=None, U=None, DinvU=None, HtU=None):
+    def __init__(self, *, B=None, JB=None, st=None, W=None, sq=None, SW=None, HtU=None):
         self.B, self.JB = B, JB
-        self.st, self.U, self.DinvU, self.HtU = st, U, DinvU, HtU
-        ref = U if B is None else B
+        self.st, self.W, self.sq, self.SW, self._HtU = st, W, sq, SW, HtU
+        ref = W if B is None else B
         self.nrows, self.device = ref.shape[0], ref.device
-        self.p = B.shape[1] if B is not None else U.shape[1] * (1 if st.order == 1 else 2)
+        self.p = B.shape[1] if B is not None else W.shape[1] * (1 if st.order == 1 else 2)
         self.has_left = B is None
+
+    def _parts(self, r: slice, dtype: torch.dtype | None = None):
+        """U, D^-1 U and Ht U on the rows ``r`` (in ``dtype``, default W's)."""
+        dt = self.W.dtype if dtype is None else dtype
+        w, sq = self.W[r].to(dt), self.sq[r].to(dt)[:, None]
+        pos = sq > 0
+        inv = torch.where(pos, 1.0 / torch.where(pos, sq, 1), 0)
+        H = self._HtU[r].to(dt) if self._HtU is not None else self.SW[r].to(dt) * inv
+        return sq * w, w * inv, H
+
+    # U, D^-1 U and Ht U whole, in float64 as :meth:`rows` forms them (references and tests).
+    @property
+    def U(self) -> torch.Tensor:
+        return self._parts(slice(None), torch.float64)[0]
+
+    @property
+    def DinvU(self) -> torch.Tensor:
+        return self._parts(slice(None), torch.float64)[1]
+
+    @property
+    def HtU(self) -> torch.Tensor:
+        return self._parts(slice(None), torch.float64)[2]
 
     def rows(self, lo: int, hi: int) -> list[tuple]:
         """Rows ``lo:hi`` in float64 as row blocks ``(cols, B, Bl, J B)``: B and Bl (None for a
@@ -757,7 +782,7 @@ class _Subspace:
         if self.B is not None:
             return [(slice(0, self.p), self.B[lo:hi].double(), None, self.JB[lo:hi].double())]
         r = slice(lo, hi)
-        U, V, H = (t[r].double() for t in (self.U, self.DinvU, self.HtU))
+        U, V, H = self._parts(r, torch.float64)
         JB = _apply_J(self.st, U, H, V, rows=r)
         m = U.shape[1]
         if self.st.order == 1:
@@ -768,7 +793,7 @@ class _Subspace:
         """B and J B as dense float64 matrices: the plain reference (small sizes and tests)."""
         if self.B is not None:
             return self.B.double(), self.JB.double()
-        U, V, H = (t.double() for t in (self.U, self.DinvU, self.HtU))
+        U, V, H = self._parts(slice(None), torch.float64)
         JB = _apply_J(self.st, U, H, V)
         if self.st.order == 1:
             return U, JB
@@ -870,6 +895,98 @@ def _moments(parts: list[_Subspace], C: np.ndarray | None = None, z: np.ndarray 
         rsq = rsq.cpu().numpy()
         resid = np.sqrt(rsq[:q] + rsq[q:])
     return _Moments(G=G, BtJB=BtJB, GL=GL, cross=cross, BtX=BtX, residuals=resid)
+
+
+def _structured_moments(sub: _Subspace, C: np.ndarray, z: np.ndarray, s: np.ndarray,
+                        mode_of: np.ndarray) -> _Moments | None:
+    """What :func:`_moments` returns for one structured basis whose Hessian products are eigsh's
+    certificate products S W, from weighted sums over W and S W: no rows of B or J B.
+
+    With sq = D^1/2 as S uses it, U = sq W, D^-1 U = W / sq and Ht U = S W / sq, every block of
+    B^T B, B^T J B, Bl^T Bl and Bl^T B is a Gram matrix of W against W or S W with weight 1,
+    sq^2, D or 1/sq^2 (the operator's formulas of :func:`_apply_J`; sums over D > 0). The
+    residual of an eigenvector x = p0 (u, 0) + p1 (0, D^-1 u) of a mode (s, w) follows from
+    r = S w - s w, formed explicitly in float64 from the true products (no cancellation between
+    S w and s w): with e = M(s) p - z p (M: the 2x2 block), beta_ = a s p0 + b p1, t = D / sq
+    and delta = t - sq (sqrt(D) rounded),
+    J x - z x = ((sq e0 - delta beta_) w - a p0 t r, (e1 w + a2 p0 r) / sq) (order 1: the top
+    part with p1 = 0), whose squared norm is a combination of the weighted sums of w^2, w r and
+    r^2 accumulated here. Equal to :func:`_moments` to float64 rounding, in one pass over W,
+    S W and D: 3 n m reads and O(n m^2) flops where :func:`_moments` forms the 2n x 2m rows of
+    B and J B (1M-parameter MLP, k = 8: measured in ``docs/benchmarks.md``).
+
+    Returns ``None`` when it does not apply (Ht U from HVPs, a dense basis, or ``C`` with more
+    than one mode in a column): the caller uses :func:`_moments`.
+    """
+    st, W, SW, sq = sub.st, sub.W, sub.SW, sub.sq
+    if sub.B is not None or SW is None:
+        return None
+    m = W.shape[1]
+    order = st.order
+    p_of = np.zeros((C.shape[1], 2), dtype=np.complex128)
+    for j, i in enumerate(np.asarray(mode_of)):
+        idx = [int(i)] if order == 1 else [int(i), m + int(i)]
+        if np.any(np.delete(C[:, j], idx) != 0):
+            return None
+        p_of[j, : len(idx)] = C[idx, j]
+    dev = W.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    sv = torch.as_tensor(np.asarray(s, dtype=np.float64), **f64)
+    gram = torch.zeros(3 * m, 2 * m, **f64)  # [sq^2 w | D w | w / sq^2]^T [w | S w]
+    G1 = torch.zeros(m, m, **f64)  # W^T W (entries with D > 0)
+    sums = torch.zeros(7, m, **f64)  # per mode, see below
+    step = _chunk_rows(dev, 10 * m)
+    for lo in range(0, W.shape[0], step):
+        r_ = slice(lo, lo + step)
+        sqc = sq[r_].to(**f64)[:, None]
+        pos = sqc > 0
+        safe = torch.where(pos, sqc, 1)
+        d2 = sqc * sqc
+        Dm = torch.where(pos, st.D[r_].to(**f64)[:, None], 0)
+        t = Dm / safe  # D / sq: the operator's D Ht u = t (S w)
+        dl = t - sqc  # 0 where D = 0
+        inv2 = torch.where(pos, 1.0 / (safe * safe), 0)
+        w = torch.where(pos, W[r_].to(**f64), 0)
+        y = torch.where(pos, SW[r_].to(**f64), 0)
+        gram.addmm_(torch.cat([w * d2, w * Dm, w * inv2], 1).mT, torch.cat([w, y], 1))
+        G1.addmm_(w.mT, w)
+        r = y - w * sv
+        w2, wr = w * w, w * r
+        sums[0] += (sqc * dl * w2).sum(0)
+        sums[1] += (dl * dl * w2).sum(0)
+        sums[2] += (sqc * t * wr).sum(0)
+        sums[3] += (dl * t * wr).sum(0)
+        sums[4] += (t * t * r * r).sum(0)
+        sums[5] += (inv2 * wr).sum(0)
+        sums[6] += (inv2 * r * r).sum(0)
+    gram, G1, sums = (x.cpu().numpy() for x in (gram, G1, sums))
+    Ad, Dw, Dy, Iw, Iy = (gram[:m, :m], gram[m : 2 * m, :m], gram[m : 2 * m, m:],
+                          gram[2 * m :, :m], gram[2 * m :, m:])
+    a, a2, b, beta, c = (float(getattr(st, f).reshape(-1)[0])
+                         for f in ("a", "a2", "b", "beta", "c"))
+    zero = np.zeros((m, m))
+    if order == 1:
+        G, BtJB, GL, cross = Ad, c * Ad - a * Dy, Iw, G1
+    else:
+        G, GL = np.block([[Ad, zero], [zero, Iw]]), np.block([[Iw, zero], [zero, Ad]])
+        cross = np.block([[G1, zero], [zero, G1]])
+        BtJB = np.block([[c * Ad - a * Dy, -b * Dw], [a2 * Iy, beta * Iw]])
+    i = np.asarray(mode_of)
+    p0, p1, zz = p_of[:, 0], p_of[:, 1], np.asarray(z, dtype=np.complex128)
+    si = np.asarray(s, dtype=np.float64)[i]
+    sqd_w2, d2_w2, sqt_wr, dt_wr, t2_r2, i_wr, i_r2 = sums[:, i]
+    e0 = (c - a * si - zz) * p0 - b * p1
+    e1 = a2 * si * p0 + (beta - zz) * p1
+    bt = a * si * p0 + b * p1
+    re = lambda u, v: np.real(np.conj(u) * v)  # noqa: E731
+    rsq = (np.abs(e0) ** 2 * np.diagonal(Ad)[i] - 2 * re(e0, bt) * sqd_w2
+           + np.abs(bt) ** 2 * d2_w2 - 2 * a * (re(e0, p0) * sqt_wr - re(bt, p0) * dt_wr)
+           + a * a * np.abs(p0) ** 2 * t2_r2)
+    if order != 1:
+        rsq += (np.abs(e1) ** 2 * np.diagonal(Iw)[i] + 2 * a2 * re(e1, p0) * i_wr
+                + a2 * a2 * np.abs(p0) ** 2 * i_r2)
+    return _Moments(G=G, BtJB=BtJB, GL=GL, cross=cross,
+                    residuals=np.sqrt(np.maximum(rsq, 0.0)))
 
 
 def _condition_numbers(X: torch.Tensor, Y: torch.Tensor,

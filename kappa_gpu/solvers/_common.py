@@ -102,6 +102,15 @@ def check_sigma(sigma) -> float | None:
     return sigma
 
 
+def _all_finite(X: torch.Tensor) -> bool:
+    """Whether every entry of ``X`` is finite. A finite sum proves it without the n-entry mask
+    of ``torch.isfinite`` (a NaN or inf entry makes the sum NaN or inf); only a sum that
+    overflows or meets a non-finite entry costs the full check."""
+    if math.isfinite(float(X.sum())):
+        return True
+    return bool(torch.isfinite(X).all())
+
+
 def _orthonormal_columns(X: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the column span of ``X`` (rank-revealing: QR, then SVD of ``R``).
 
@@ -116,6 +125,10 @@ def _orthonormal_columns(X: torch.Tensor) -> torch.Tensor:
     if sv.size == 0 or sv[0] == 0.0:
         return X[:, :0]
     keep = sv > math.sqrt(eps) * sv[0]
+    if keep.all():
+        # Full rank: Householder's Q is orthonormal to working precision and spans X; the
+        # rotation by U and the second pass below would only cost two passes over n x p.
+        return Q
     Ud = torch.as_tensor(U[:, keep], dtype=X.dtype, device=X.device)
     Q = Q @ Ud
     # One more pass: QR of a nearly rank-deficient block loses orthogonality.
@@ -151,7 +164,7 @@ def start_block(
     if X.is_complex():
         X = torch.cat([X.real, X.imag], dim=1)
     X = X.to(device=A.device, dtype=A.dtype)
-    if not bool(torch.isfinite(X).all()):
+    if not _all_finite(X):
         raise ValueError(f"{name}: `v0` contains NaN or inf")
     Q = _orthonormal_columns(X)
     r = Q.shape[1]
@@ -176,6 +189,7 @@ def ritz_vectors(V: torch.Tensor, C: np.ndarray, complex_out: bool) -> torch.Ten
 
     ``C`` is a small complex128 (or float64) host matrix of coefficients; for a real ``V`` the
     real and imaginary parts are applied separately (two real GEMMs, no complex copy of ``V``).
+    A real result's largest-magnitude entry is made positive (ties: the largest entry).
 
     Computed in row layout, ``(C^T V^T)`` with ``V^T`` the basis' contiguous rows: on a CPU the
     row-layout product and its per-vector reductions are 2-3x faster than the column layout
@@ -195,12 +209,19 @@ def ritz_vectors(V: torch.Tensor, C: np.ndarray, complex_out: bool) -> torch.Ten
         nrm = torch.sqrt(mag.sum(dim=1))
         X = torch.complex(Xr, Xi)
     else:
+        # Real: scaled in place, the sign from the row extremes (no n-sized temporaries: each
+        # costs a fresh allocation's page faults on a CPU, about 10 ms per 32 MB).
         X = torch.as_tensor(np.ascontiguousarray(C.real.T), dtype=dt, device=V.device) @ Vr
-        mag = None
         nrm = torch.linalg.vector_norm(X, dim=1)
+        if X.shape[1]:
+            sign = torch.where(X.amax(dim=1) >= -X.amin(dim=1), 1.0, -1.0).to(dt)
+        else:
+            sign = torch.ones_like(nrm)
+        X.mul_((sign / torch.where(nrm > 0, nrm, torch.ones_like(nrm)))[:, None])
+        return X.T.contiguous()
     X = X / torch.where(nrm > 0, nrm, torch.ones_like(nrm))[:, None]
     if X.shape[0]:
-        idx = torch.argmax(X.abs() if mag is None else mag, dim=1)
+        idx = torch.argmax(mag, dim=1)
         top = X[torch.arange(X.shape[0], device=X.device), idx]
         phase = top / torch.where(top.abs() > 0, top.abs(), torch.ones_like(top.abs()))
         X = X / torch.where(phase.abs() > 0, phase, torch.ones_like(phase))[:, None]
@@ -228,7 +249,8 @@ def true_residuals(
         AX = A.matmat(X)
         if images is not None:
             images.append(AX)
-        R = AX - X * torch.as_tensor(z.real, dtype=X.dtype, device=X.device)
+        R = X * torch.as_tensor(-z.real, dtype=X.dtype, device=X.device)
+        R += AX  # one n x k temporary
         return torch.linalg.vector_norm(R, dim=0).to("cpu", torch.float64).numpy(), k
     reps = [i for i in range(k) if partner is None or partner[i] < 0 or partner[i] > i]
     cols, where = [], []
