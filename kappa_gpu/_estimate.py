@@ -934,31 +934,29 @@ def _structured_moments(sub: _Subspace, C: np.ndarray, z: np.ndarray, s: np.ndar
     sv = torch.as_tensor(np.asarray(s, dtype=np.float64), **f64)
     gram = torch.zeros(3 * m, 2 * m, **f64)  # [sq^2 w | D w | w / sq^2]^T [w | S w]
     G1 = torch.zeros(m, m, **f64)  # W^T W (entries with D > 0)
-    sums = torch.zeros(7, m, **f64)  # per mode, see below
-    step = _chunk_rows(dev, 10 * m)
+    # [sq delta, delta^2, sq t, delta t, t^2, 1 / sq^2]^T [w^2 | w r | r^2]: the per-mode sums
+    sums = torch.zeros(6, 3 * m, **f64)
+    masked = not bool((sq > 0).all())  # entries with D = 0 (not reached, or lr = 0)
+    step = _chunk_rows(dev, 12 * m)
     for lo in range(0, W.shape[0], step):
         r_ = slice(lo, lo + step)
         sqc = sq[r_].to(**f64)[:, None]
-        pos = sqc > 0
-        safe = torch.where(pos, sqc, 1)
-        d2 = sqc * sqc
-        Dm = torch.where(pos, st.D[r_].to(**f64)[:, None], 0)
-        t = Dm / safe  # D / sq: the operator's D Ht u = t (S w)
-        dl = t - sqc  # 0 where D = 0
-        inv2 = torch.where(pos, 1.0 / (safe * safe), 0)
-        w = torch.where(pos, W[r_].to(**f64), 0)
-        y = torch.where(pos, SW[r_].to(**f64), 0)
-        gram.addmm_(torch.cat([w * d2, w * Dm, w * inv2], 1).mT, torch.cat([w, y], 1))
+        w, y, Dm = W[r_].to(**f64), SW[r_].to(**f64), st.D[r_].to(**f64)[:, None]
+        if masked:
+            pos = sqc > 0
+            w, y, Dm = (torch.where(pos, x, 0) for x in (w, y, Dm))
+            sqs = torch.where(pos, sqc, 1)
+            inv2 = torch.where(pos, 1.0 / (sqs * sqs), 0)
+            t = Dm / sqs  # D / sq: the operator's D Ht u is t (S w)
+        else:
+            inv2 = 1.0 / (sqc * sqc)
+            t = Dm / sqc
+        dl = t - sqc  # sqrt(D) rounding; 0 where D = 0
+        gram.addmm_(torch.cat([w * (sqc * sqc), w * Dm, w * inv2], 1).mT, torch.cat([w, y], 1))
         G1.addmm_(w.mT, w)
-        r = y - w * sv
-        w2, wr = w * w, w * r
-        sums[0] += (sqc * dl * w2).sum(0)
-        sums[1] += (dl * dl * w2).sum(0)
-        sums[2] += (sqc * t * wr).sum(0)
-        sums[3] += (dl * t * wr).sum(0)
-        sums[4] += (t * t * r * r).sum(0)
-        sums[5] += (inv2 * wr).sum(0)
-        sums[6] += (inv2 * r * r).sum(0)
+        r = torch.addcmul(y, w, sv, value=-1.0)  # S w - s w
+        wts = torch.cat([sqc * dl, dl * dl, sqc * t, dl * t, t * t, inv2], 1)
+        sums.addmm_(wts.mT, torch.cat([w * w, w * r, r * r], 1))
     gram, G1, sums = (x.cpu().numpy() for x in (gram, G1, sums))
     Ad, Dw, Dy, Iw, Iy = (gram[:m, :m], gram[m : 2 * m, :m], gram[m : 2 * m, m:],
                           gram[2 * m :, :m], gram[2 * m :, m:])
@@ -974,7 +972,9 @@ def _structured_moments(sub: _Subspace, C: np.ndarray, z: np.ndarray, s: np.ndar
     i = np.asarray(mode_of)
     p0, p1, zz = p_of[:, 0], p_of[:, 1], np.asarray(z, dtype=np.complex128)
     si = np.asarray(s, dtype=np.float64)[i]
-    sqd_w2, d2_w2, sqt_wr, dt_wr, t2_r2, i_wr, i_r2 = sums[:, i]
+    w2, wr, r2 = (sums[:, q * m : (q + 1) * m][:, i] for q in range(3))
+    sqd_w2, d2_w2, sqt_wr, dt_wr, t2_r2, i_wr, i_r2 = (w2[0], w2[1], wr[2], wr[3], r2[4],
+                                                       wr[5], r2[5])
     e0 = (c - a * si - zz) * p0 - b * p1
     e1 = a2 * si * p0 + (beta - zz) * p1
     bt = a * si * p0 + b * p1

@@ -592,7 +592,10 @@ class _HVPEngine:
         leaves, grads = graph
         # gradient entries without a graph (linear in the params) have zero Hessian rows
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        outs = []
+        # (s, n) rows written in place, one transposing copy at the end (a stack into columns
+        # is a strided write of s n entries, 3x slower on a CPU)
+        out = None if V.ndim == 1 else torch.empty(len(cols), self.n, dtype=self.dtype,
+                                                   device=V.device)
         for j, col in enumerate(cols):
             tang = self.unflatten(col)
             hv: Sequence[torch.Tensor | None] = [None] * len(leaves)
@@ -619,15 +622,13 @@ class _HVPEngine:
                         "the parameters, so that its Hessian is 0, build the operator with "
                         "hvp='forward'.)"
                     )
-            outs.append(
-                self.flatten(
-                    [
-                        torch.zeros_like(p) if h is None else h
-                        for h, p in zip(hv, leaves, strict=True)
-                    ]
-                )
-            )
-        return outs[0] if V.ndim == 1 else torch.stack(outs, dim=1)
+            parts = [torch.zeros_like(p) if h is None else h
+                     for h, p in zip(hv, leaves, strict=True)]
+            if out is None:
+                return self.flatten(parts)
+            torch.cat([t.reshape(-1).to(self.dtype) for t in parts], out=out[j])
+        assert out is not None
+        return out.T.contiguous()
 
 
 class _EngineAttributes:
