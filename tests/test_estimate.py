@@ -656,6 +656,45 @@ def test_chunked_moments_match_dense_float64(name, monkeypatch):
     np.testing.assert_allclose(np.delete(got, 2), np.delete(ref, 2), rtol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["heavy_ball", "adam", "sgd", "unused"])
+def test_structured_moments_equal_the_row_pass(name):
+    """_structured_moments (weighted sums over W and S W) gives what _moments gets from the rows
+    of B and J B, in float64: per-entry D (Adam), order 1 (plain SGD), entries with D = 0 (a
+    layer the loss does not reach: the masked branch), tight and loose Lanczos residuals."""
+    import kappa_gpu._estimate as est
+
+    model, batch, loss_fn = mlp_problem(seed=4)
+    if name == "unused":
+        model = torch.nn.ModuleDict({"net": model, "unused": torch.nn.Linear(2, 2).double()})
+        net = model["net"]
+        model.forward = lambda x: net(x)  # noqa: E731 - a module whose extra layer is unused
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1)}.get(name) or OPTIMIZERS[
+        "heavy_ball" if name == "unused" else name]
+    opt = make(model.parameters())
+    take_steps(model, opt, loss_fn, batch)
+    op = update_operator(model, opt, loss_fn, batch)
+    st = op.structure()
+    S, sq = est._sym_operator(st)
+    assert bool((sq == 0).any()) == (name == "unused")
+    if name == "adam":
+        assert float(st.D.max()) > 1.5 * float(st.D[st.D > 0].min())  # D is not uniform
+    for tol in (1e-10, 1e-3):
+        res = est.eigsh(S, k=3, which="LA", tol=tol, generator=torch.Generator().manual_seed(0))
+        out = est._structured_modes(op, st, sq, res, "LA", 1e-4)
+        sub = out["bases"][0]
+        C, z = out["C"], out["z"]
+        fast = est._structured_moments(sub, C, z, out["s"], out["mode_of"])
+        ref = est._moments([sub], C, z)
+        assert fast is not None
+        for f in ("G", "BtJB", "GL", "cross"):
+            a, b = getattr(fast, f), getattr(ref, f)
+            assert np.max(np.abs(a - b)) <= 1e-12 * np.max(np.abs(b)), f
+        np.testing.assert_allclose(fast.residuals, ref.residuals, rtol=1e-7,
+                                   atol=1e-15 * np.max(np.abs(z)))
+        if tol == 1e-3:
+            assert np.max(ref.residuals) > 1e-8  # residuals well above rounding, too
+
+
 def test_plain_sgd_structured_and_arnoldi_agree_with_dense():
     """SGD without momentum (J = I - lr Ht, order 1): one eigenvalue per mode on both paths."""
     model, batch, loss_fn = mlp_problem(seed=4)
