@@ -387,11 +387,10 @@ def _sharp_mlp(name="heavy_ball", width=32, seed=3):
     return model, opt, loss_fn, batch
 
 
-@pytest.mark.parametrize("name", ["heavy_ball", "nesterov", "adam", "sgd", "unused"])
-def test_J_of_the_mode_basis_from_hessian_products(name):
-    """_apply_J reproduces J applied to [(U, 0) | (0, D^-1 U)] (or J U) from Ht U alone."""
-    from kappa_gpu._estimate import _apply_J, _start_blocks
-
+def _structure_problem(name):
+    """The update operator of a small float64 MLP after 3 steps of optimizer ``name``
+    (``OPTIMIZERS``, ``"sgd"`` without momentum, or ``"unused"``: heavy ball on a model with a
+    layer the loss does not reach, whose entries have D = 0)."""
     model, batch, loss_fn = mlp_problem(seed=4)
     if name == "unused":
         model = torch.nn.ModuleDict({"net": model, "unused": torch.nn.Linear(2, 2).double()})
@@ -401,7 +400,15 @@ def test_J_of_the_mode_basis_from_hessian_products(name):
         "heavy_ball" if name == "unused" else name]
     opt = make(model.parameters())
     take_steps(model, opt, loss_fn, batch)
-    op = update_operator(model, opt, loss_fn, batch)
+    return update_operator(model, opt, loss_fn, batch)
+
+
+@pytest.mark.parametrize("name", ["heavy_ball", "nesterov", "adam", "sgd", "unused"])
+def test_J_of_the_mode_basis_from_hessian_products(name):
+    """_apply_J reproduces J applied to [(U, 0) | (0, D^-1 U)] (or J U) from Ht U alone."""
+    from kappa_gpu._estimate import _apply_J, _start_blocks
+
+    op = _structure_problem(name)
     st = op.structure()
     n = st.D.shape[0]
     W = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -663,16 +670,7 @@ def test_structured_moments_equal_the_row_pass(name):
     layer the loss does not reach: the masked branch), tight and loose Lanczos residuals."""
     import kappa_gpu._estimate as est
 
-    model, batch, loss_fn = mlp_problem(seed=4)
-    if name == "unused":
-        model = torch.nn.ModuleDict({"net": model, "unused": torch.nn.Linear(2, 2).double()})
-        net = model["net"]
-        model.forward = lambda x: net(x)  # noqa: E731 - a module whose extra layer is unused
-    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1)}.get(name) or OPTIMIZERS[
-        "heavy_ball" if name == "unused" else name]
-    opt = make(model.parameters())
-    take_steps(model, opt, loss_fn, batch)
-    op = update_operator(model, opt, loss_fn, batch)
+    op = _structure_problem(name)
     st = op.structure()
     S, sq = est._sym_operator(st)
     assert bool((sq == 0).any()) == (name == "unused")
