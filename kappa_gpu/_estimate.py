@@ -937,14 +937,24 @@ def _structured_moments(sub: _Subspace, C: np.ndarray, z: np.ndarray, s: np.ndar
     # [sq delta, delta^2, sq t, delta t, t^2, 1 / sq^2]^T [w^2 | w r | r^2]: the per-mode sums
     sums = torch.zeros(6, 3 * m, **f64)
     masked = not bool((sq > 0).all())  # entries with D = 0 (not reached, or lr = 0)
-    step = _chunk_rows(dev, 12 * m)
+    step = min(_chunk_rows(dev, 12 * m), W.shape[0])
+    # Chunk buffers, written in place (no concatenations): the float64 columns [w | S w],
+    # [sq^2 w | D w | w / sq^2], [w^2 | w r | r^2] and the six per-row weights.
+    WY, L, Q = (torch.empty(step, q * m, **f64) for q in (2, 3, 3))
+    wts = torch.empty(step, 6, **f64)
     for lo in range(0, W.shape[0], step):
-        r_ = slice(lo, lo + step)
-        sqc = sq[r_].to(**f64)[:, None]
-        w, y, Dm = W[r_].to(**f64), SW[r_].to(**f64), st.D[r_].to(**f64)[:, None]
+        hi = min(lo + step, W.shape[0])
+        k_ = hi - lo
+        wy, lft, quad, wt = WY[:k_], L[:k_], Q[:k_], wts[:k_]
+        w, y = wy[:, :m], wy[:, m:]
+        w.copy_(W[lo:hi])
+        y.copy_(SW[lo:hi])
+        sqc = sq[lo:hi].to(**f64)[:, None]
+        Dm = st.D[lo:hi].to(**f64)[:, None]
         if masked:
             pos = sqc > 0
-            w, y, Dm = (torch.where(pos, x, 0) for x in (w, y, Dm))
+            wy.masked_fill_(~pos, 0)
+            Dm = torch.where(pos, Dm, 0)
             sqs = torch.where(pos, sqc, 1)
             inv2 = torch.where(pos, 1.0 / (sqs * sqs), 0)
             t = Dm / sqs  # D / sq: the operator's D Ht u is t (S w)
@@ -952,11 +962,19 @@ def _structured_moments(sub: _Subspace, C: np.ndarray, z: np.ndarray, s: np.ndar
             inv2 = 1.0 / (sqc * sqc)
             t = Dm / sqc
         dl = t - sqc  # sqrt(D) rounding; 0 where D = 0
-        gram.addmm_(torch.cat([w * (sqc * sqc), w * Dm, w * inv2], 1).mT, torch.cat([w, y], 1))
+        torch.mul(w, sqc * sqc, out=lft[:, :m])
+        torch.mul(w, Dm, out=lft[:, m : 2 * m])
+        torch.mul(w, inv2, out=lft[:, 2 * m :])
+        gram.addmm_(lft.mT, wy)
         G1.addmm_(w.mT, w)
-        r = torch.addcmul(y, w, sv, value=-1.0)  # S w - s w
-        wts = torch.cat([sqc * dl, dl * dl, sqc * t, dl * t, t * t, inv2], 1)
-        sums.addmm_(wts.mT, torch.cat([w * w, w * r, r * r], 1))
+        r = quad[:, 2 * m :]
+        torch.addcmul(y, w, sv, value=-1.0, out=r)  # S w - s w
+        torch.mul(w, w, out=quad[:, :m])
+        torch.mul(w, r, out=quad[:, m : 2 * m])
+        r.mul_(r)
+        for q, col in enumerate((sqc * dl, dl * dl, sqc * t, dl * t, t * t, inv2)):
+            wt[:, q : q + 1].copy_(col)
+        sums.addmm_(wt.mT, quad)
     gram, G1, sums = (x.cpu().numpy() for x in (gram, G1, sums))
     Ad, Dw, Dy, Iw, Iy = (gram[:m, :m], gram[m : 2 * m, :m], gram[m : 2 * m, m:],
                           gram[2 * m :, :m], gram[2 * m :, m:])
