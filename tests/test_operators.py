@@ -414,6 +414,27 @@ def test_hessian_operator_matches_dense_hessian(arch, hvp):
     assert rel_err(Hr.to_dense(), dense_hessian(model, loss_fn, batch, rev)) <= 1e-12
 
 
+def test_hessian_matmat_output_layout_follows_the_input():
+    """A contiguous (n, s) block gets a contiguous product; the (n, s) transposed view of rows
+    (what the solvers pass for their certificates) gets the same numbers as a transposed view,
+    with no transposing copies; and eigsh's Ritz vectors stay contiguous for users."""
+    from kappa_gpu import eigsh
+
+    model, opt, loss_fn, batch = sgd_case("mlp", act="gelu")
+    H = hessian_operator(model, loss_fn, batch)
+    n = H.shape[0]
+    rows = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dense = H.matmat(rows.T.contiguous())
+    view = H.matmat(rows.T)
+    assert dense.is_contiguous() and not view.is_contiguous() and view.T.is_contiguous()
+    torch.testing.assert_close(view, dense, rtol=0, atol=0)
+    Hd = dense_hessian(model, loss_fn, batch, list(model.parameters()))
+    torch.testing.assert_close(dense, Hd @ rows.T, rtol=1e-12, atol=1e-12)
+    res = eigsh(H, k=2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    assert res.eigenvectors.is_contiguous()
+    torch.testing.assert_close(res.images, Hd @ res.eigenvectors, rtol=1e-10, atol=1e-12)
+
+
 def test_cached_graph_products_are_repeatable_and_agree_with_forward_mode():
     """The kept graph gives the same product every time (it is not consumed), one HVP counted
     per column, and agrees with forward mode; the update operator is built on it too."""

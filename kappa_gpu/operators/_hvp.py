@@ -593,7 +593,7 @@ class _HVPEngine:
         # gradient entries without a graph (linear in the params) have zero Hessian rows
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         # (s, n) rows written in place, one transposing copy at the end (a stack into columns
-        # is a strided write of s n entries, 3x slower on a CPU)
+        # is a strided write of s n entries, 3x slower on a CPU), none for a transposed input
         out = None if V.ndim == 1 else torch.empty(len(cols), self.n, dtype=self.dtype,
                                                    device=V.device)
         for j, col in enumerate(cols):
@@ -628,7 +628,10 @@ class _HVPEngine:
                 return self.flatten(parts)
             torch.cat([t.reshape(-1).to(self.dtype) for t in parts], out=out[j])
         assert out is not None
-        return out.T.contiguous()
+        # The layout follows the input's, as torch's elementwise operations do: a transposed
+        # view of rows (the solvers' certificate blocks) gets one back, anything else a
+        # contiguous (n, s) tensor.
+        return out.T if V.T.is_contiguous() and not V.is_contiguous() else out.T.contiguous()
 
 
 class _EngineAttributes:

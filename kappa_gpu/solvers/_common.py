@@ -184,7 +184,9 @@ def start_block(
     return Q, r
 
 
-def ritz_vectors(V: torch.Tensor, C: np.ndarray, complex_out: bool) -> torch.Tensor:
+def ritz_vectors(
+    V: torch.Tensor, C: np.ndarray, complex_out: bool, contiguous: bool = True
+) -> torch.Tensor:
     """``V @ C`` on the device, columns scaled to unit norm, largest entry real and positive.
 
     ``C`` is a small complex128 (or float64) host matrix of coefficients; for a real ``V`` the
@@ -195,7 +197,9 @@ def ritz_vectors(V: torch.Tensor, C: np.ndarray, complex_out: bool) -> torch.Ten
     row-layout product and its per-vector reductions are 2-3x faster than the column layout
     (n = 1e6, m = 24, k = 8: 36 vs 72 ms for the product, 26 ms for a column-wise argmax). The
     result is returned as a contiguous ``(n, k)`` tensor (one transposing copy), as users and
-    their operators may ``view`` it.
+    their operators may ``view`` it; with ``contiguous=False`` a real result is the ``(n, k)``
+    transposed view of its rows (for the solver's own certificate products, whose operators
+    take the rows as they are: the copy is then made once, for the result).
     """
     dt = V.dtype
     Vr = V.T  # (m, n): the basis rows
@@ -218,7 +222,7 @@ def ritz_vectors(V: torch.Tensor, C: np.ndarray, complex_out: bool) -> torch.Ten
         else:
             sign = torch.ones_like(nrm)
         X.mul_((sign / torch.where(nrm > 0, nrm, torch.ones_like(nrm)))[:, None])
-        return X.T.contiguous()
+        return X.T.contiguous() if contiguous else X.T
     X = X / torch.where(nrm > 0, nrm, torch.ones_like(nrm))[:, None]
     if X.shape[0]:
         idx = torch.argmax(mag, dim=1)

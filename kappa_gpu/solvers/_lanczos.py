@@ -184,9 +184,12 @@ def _trlan(
         perm = np.argsort(-theta[wanted], kind="stable")
         wanted, est, conv = wanted[perm], est[perm], conv[perm]
     z = theta[wanted]
-    X = ritz_vectors(basis.columns(m), Y[:, wanted], complex_out=False)
+    # The certificate products take the Ritz vectors as rows (an (n, k) view: no transposing
+    # copies in and out of a row-wise HVP engine); the result gets a contiguous copy.
+    X = ritz_vectors(basis.columns(m), Y[:, wanted], complex_out=False, contiguous=False)
     images: list = []
     res, n_cert = true_residuals(A, X, z.astype(np.complex128), None, images)
+    X = X.contiguous()
     n_over = 0
     if reorth == "selective":
         # Semi-orthogonality (sqrt(eps)) keeps the Ritz values accurate, not the Ritz estimates

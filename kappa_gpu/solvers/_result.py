@@ -54,7 +54,9 @@ class EigResult:
         images: ``(n, k')`` the products ``A x_i`` computed for ``residuals`` (``eigsh`` only,
             ``None`` otherwise): a caller that derives further certificates from the same
             vectors (as :func:`kappa_gpu.estimate` does for the optimizer's ``J``) spends no
-            more operator applications. Costs ``n k'`` entries of memory on the device.
+            more operator applications. Costs ``n k'`` entries of memory on the device. Its
+            layout is what the operator returned for the Ritz vectors passed as an ``(n, k')``
+            view of their rows (kappa_gpu's Hessian operators: such a view, not contiguous).
     """
 
     eigenvalues: torch.Tensor
