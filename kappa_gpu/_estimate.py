@@ -1039,7 +1039,8 @@ def _basis_geometry(bases: list[_Subspace], geometry: tuple | None = None
     """R with B = Q R (Q orthonormal) and T = Q^T J Q = R^-T (B^T J B) R^-1, in float64.
 
     B = [B_1 | B_2 | ...] are the bases side by side; ``geometry`` = (B^T B, B^T J B) when
-    already known (one side: from its :func:`_moments` pass), else one pass computes them.
+    already known (one side: from its :func:`_structured_moments` or :func:`_moments` pass), else
+    one pass of :func:`_moments` computes them.
     R comes from the Cholesky factor of the Gram matrix B^T B (p x p), which is accurate while
     the basis is well conditioned -- it is by construction: (u, 0) and (0, D^-1 u) have
     disjoint supports, and the u are D-orthogonal Lanczos vectors. Falls back to a Householder
