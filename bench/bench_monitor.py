@@ -13,6 +13,7 @@ with it, the training step with ``--batch``.
 
     python bench/bench_monitor.py                       # defaults: 1.06M params, every=100, k=8
     python bench/bench_monitor.py --steps 2000 --json out.json --device cuda
+    python bench/bench_monitor.py --steps 2000 --cap 0.1   # KappaMonitor(max_overhead=0.1)
     pytest bench/bench_monitor.py        # a 20-step smoke run (checks, no timing claim)
 """
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     ap.add_argument("--method", default="auto")
     ap.add_argument("--budget-s", type=float, default=None)
+    ap.add_argument("--cap", type=float, default=None,
+                    help="KappaMonitor(max_overhead=CAP): skip due estimates above this ratio")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-overhead", type=float, default=0.10)
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         k=args.k,
         method=args.method,
         budget_s=args.budget_s,
+        max_overhead=args.cap,
     )
 
     t_start = time.perf_counter()
@@ -120,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": ov.train_seconds,
         "monitor_seconds": ov.monitor_seconds,
         "overhead": ov.ratio,
+        "max_overhead": args.cap,
+        "n_skipped": ov.n_skipped,
+        "estimate_steps": [r.step for r in recs],
         "train_step_ms": 1e3 * ov.train_seconds / max(ov.n_steps, 1),
         "estimate_seconds": [round(r.seconds, 4) for r in recs],
         "n_hvp": hvps,

@@ -64,6 +64,17 @@ Warnings are :class:`KappaWarning` dataclasses (not Python ``warnings``): they a
 the record's ``warnings``, logged at WARNING level on the ``"kappa_gpu"`` logger, passed to
 ``on_warning(warning)``, and written with the record.
 
+Overhead cap (``max_overhead``). With ``max_overhead=f`` a due estimate is skipped (no record;
+counted in :attr:`MonitorOverhead.n_skipped`, logged once at INFO level) when running it would
+take the monitor's time above ``f`` times the training time so far, its cost predicted by the
+mean wall time of the estimates so far: ``monitor_seconds + mean_estimate > f *
+train_seconds``. The first estimate always runs (it measures the cost), and ``force=True``
+always estimates. The ratio then stays at most ``f`` after the first estimate (up to the
+prediction's error), estimates coming every ``every`` steps while that fits and at the next due
+step after training has caught up otherwise: a fixed price for an early warning that arrives
+less often. Not with a DDP model (every rank must enter every estimate, and the ranks' clocks
+differ): raise ``every`` there.
+
 Budget (``budget_s``). The estimator has no time hook, so the cap is enforced through the
 solver's ``maxiter`` (its maximum number of restarts): the seconds per HVP measured on the
 previous successful estimate (its ``seconds / n_hvp``, overheads included: conservative) or,
@@ -287,6 +298,7 @@ class MonitorOverhead:
         n_steps, n_estimates, n_failures: counts.
         n_hvp: HVPs spent by all estimates.
         mean_estimate_seconds: mean wall time of one estimate (nan if none).
+        n_skipped: due estimates skipped to stay under ``max_overhead``.
     """
 
     monitor_seconds: float
@@ -297,12 +309,14 @@ class MonitorOverhead:
     n_failures: int
     n_hvp: int
     mean_estimate_seconds: float
+    n_skipped: int = 0
 
     def __str__(self) -> str:
+        skipped = f", {self.n_skipped} skipped (max_overhead)" if self.n_skipped else ""
         return (
             f"kappa_gpu monitor overhead: {100 * self.ratio:.2f}% ({self.monitor_seconds:.2f} s "
             f"monitor / {self.train_seconds:.2f} s training; {self.n_estimates} estimates over "
-            f"{self.n_steps} steps, {self.n_failures} failed, {self.n_hvp} HVPs, "
+            f"{self.n_steps} steps{skipped}, {self.n_failures} failed, {self.n_hvp} HVPs, "
             f"{self.mean_estimate_seconds:.3f} s per estimate)"
         )
 
@@ -367,6 +381,9 @@ class KappaMonitor:
         method: passed to ``estimate`` (``"auto"``, ``"structured"``, ``"arnoldi"``).
         modes: passed to ``estimate`` (``"sharp"``, ``"negative"``, ``"both"``).
         budget_s: cap on the seconds of one estimate (see the module docs); ``None``: no cap.
+        max_overhead: cap on the monitor's time as a fraction of the training time (e.g.
+            ``0.05``): due estimates that would exceed it are skipped (module docs). ``None``:
+            every due estimate runs. Not with a DDP model.
         warmup: no estimate before this step (the first steps are a transient; the optimizer
             needs state). Default 1.
         log_dir: directory for ``kappa_monitor.jsonl`` (one record per estimate, appended and
@@ -422,6 +439,7 @@ class KappaMonitor:
         method: str = "auto",
         modes: str = "sharp",
         budget_s: float | None = None,
+        max_overhead: float | None = None,
         warmup: int = 1,
         log_dir: str | os.PathLike | None = None,
         csv: bool = False,
@@ -460,6 +478,16 @@ class KappaMonitor:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if budget_s is not None and not budget_s > 0:
             raise ValueError(f"budget_s must be > 0 seconds (or None for no cap), got {budget_s}")
+        if max_overhead is not None and not (0 < max_overhead < math.inf):
+            raise ValueError(
+                f"max_overhead must be a fraction > 0 of the training time (e.g. 0.05), or None "
+                f"for no cap; got {max_overhead}"
+            )
+        if max_overhead is not None and self._comm is not None:
+            raise ValueError(
+                "max_overhead is not available with a DistributedDataParallel model: every rank "
+                "must enter every estimate, and the ranks' timings differ; raise `every` instead"
+            )
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")
         if csv and log_dir is None:
@@ -478,6 +506,7 @@ class KappaMonitor:
         self.method = method
         self.modes = modes
         self.budget_s = budget_s
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
         self.warmup = int(warmup)
         self.on_warning = on_warning
         self.rules = rules if rules is not None else WarningRules()
@@ -503,6 +532,7 @@ class KappaMonitor:
 
         self._step = 0
         self._n_estimates = 0
+        self._n_skipped = 0  # due estimates skipped by max_overhead
         self._n_hvp = 0
         self._estimate_seconds = 0.0
         self._monitor_seconds = 0.0
@@ -575,7 +605,10 @@ class KappaMonitor:
         record = None
         try:
             if force or self.due(self._step):
-                record = self._estimate_record(batch, loss)
+                if not force and self._over_cap():
+                    self._n_skipped += 1
+                else:
+                    record = self._estimate_record(batch, loss)
         finally:
             t_out = time.perf_counter()
             self._monitor_seconds += t_out - t_in
@@ -599,6 +632,7 @@ class KappaMonitor:
             mean_estimate_seconds=(
                 self._estimate_seconds / self._n_estimates if self._n_estimates else float("nan")
             ),
+            n_skipped=self._n_skipped,
         )
 
     def close(self) -> None:
@@ -620,6 +654,22 @@ class KappaMonitor:
         self.close()
 
     # ------------------------------------------------------------------ internals
+
+    def _over_cap(self) -> bool:
+        """Whether the estimate due now would take the monitor above ``max_overhead``."""
+        if self.max_overhead is None or self._n_estimates == 0:
+            return False
+        expected = self._estimate_seconds / self._n_estimates
+        if self._monitor_seconds + expected <= self.max_overhead * self._train_seconds:
+            return False
+        if self._n_skipped == 0 and self.writes:
+            logger.info(
+                "kappa_gpu monitor: skipping due estimates while one (%.3g s) would take the "
+                "monitor above max_overhead=%g of the training time (now %.3g); they resume when "
+                "training has caught up",
+                expected, self.max_overhead, self._ratio(),
+            )
+        return True
 
     def _ratio(self) -> float:
         return self._monitor_seconds / self._train_seconds if self._train_seconds > 0 else math.nan

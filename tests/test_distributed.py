@@ -255,7 +255,13 @@ def _monitor_checks(rank: int, out: dict, log_dir: str) -> None:
     # a failure while preparing the estimate on one rank: every rank records it, none hangs
     records.append(mon.step(no_batch_on_rank_1, force=True))
     mon.close()
+    try:  # an overhead cap would let the ranks' own clocks decide who enters a collective
+        KappaMonitor(ddp, opt, mse, max_overhead=0.1)
+        cap_error = ""
+    except ValueError as err:
+        cap_error = str(err)
     out["monitor"] = {
+        "cap_error": cap_error,
         "active": mon.active,
         "writes": mon.writes,
         "status": [r.status for r in records],
@@ -394,6 +400,7 @@ def test_monitor_with_ddp_writes_one_log(ranks):
         assert mons[1][key] == mons[0][key], key
     assert "rank 1 failed while preparing an estimate" in mons[0]["error"]
     assert "no batch on rank 1" in mons[1]["error"]
+    assert all("max_overhead is not available" in m["cap_error"] for m in mons)
     # one log file, written by rank 0 alone: one line per record, not one per rank
     log_dir = mons[0]["log_dir"]
     assert all(m["log_dir"] == log_dir for m in mons)  # the same directory on every rank

@@ -389,6 +389,65 @@ def test_overhead_accounting():
     assert mon.records[-1].overhead > 0
 
 
+class _Clock:
+    """A fake ``time`` module for the monitor: ``perf_counter`` reads ``now``, which the test
+    advances (training steps) and the stub estimator advances (its cost)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    @staticmethod
+    def time() -> float:
+        return 0.0
+
+
+def test_max_overhead_skips_due_estimates_to_stay_under_the_cap(monkeypatch, caplog):
+    """Training steps of 1 s, estimates of 5 s, every=1, max_overhead=0.5: after the first
+    estimate (which measures the cost) an estimate runs only when monitor + 5 s fits in half
+    the training time, so the ratio never exceeds 0.5 after step 10 and estimates come about
+    every 10 steps; without the cap every step estimates (ratio 5)."""
+    import kappa_gpu._monitor as m
+
+    clock = _Clock()
+    monkeypatch.setattr(m, "time", clock)
+    model, opt, loss_fn, batch = setup()
+
+    def costly(*args, **kwargs):
+        clock.now += 5.0
+        return fake_report()
+
+    def train(mon, steps):
+        ratios, done = [], []
+        for step in range(1, steps + 1):
+            clock.now += 1.0  # the training step
+            rec = mon.step(batch)
+            ratios.append(mon.overhead().ratio)
+            if rec is not None:
+                done.append(step)
+        return ratios, done
+
+    with caplog.at_level(logging.INFO, logger="kappa_gpu"):
+        capped = KappaMonitor(model, opt, loss_fn, every=1, max_overhead=0.5, estimator=costly)
+        ratios, done = train(capped, 100)
+    ov = capped.overhead()
+    assert done[0] == 1 and ov.n_estimates == len(done) and ov.n_skipped == 100 - len(done)
+    assert 8 <= len(done) <= 12  # 5 s estimates within half of 100 s of training
+    assert max(ratios[10:]) <= 0.5 + 1e-12 and ratios[-1] > 0.4
+    assert np.all(np.diff(done[1:]) >= 2)  # spaced out, not bunched
+    assert "skipped (max_overhead)" in str(ov)
+    assert sum("skipping due estimates" in r.getMessage() for r in caplog.records) == 1
+    # forced estimates ignore the cap; no cap: every due step estimates
+    assert capped.step(batch, force=True) is not None
+    free = KappaMonitor(model, opt, loss_fn, every=1, estimator=costly)
+    ratios, done = train(free, 10)
+    assert len(done) == 10 and free.overhead().n_skipped == 0 and ratios[-1] == 5.0
+    with pytest.raises(ValueError, match="max_overhead"):
+        KappaMonitor(model, opt, loss_fn, max_overhead=0)
+
+
 def test_argument_validation():
     model, opt, loss_fn, _ = setup()
     with pytest.raises(ValueError, match="every"):
