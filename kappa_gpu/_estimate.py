@@ -334,13 +334,28 @@ def _fingerprint(op, optimizer) -> tuple:
             float(x.sum()), float((x * x).sum()), hyper)
 
 
+def _scalar_coefficients(st) -> tuple[float, float, float, float, float]:
+    """``(a, a2, b, beta, c)`` as floats, read at an active entry.
+
+    They are constant over the active entries when the structure is uniform; the entries of
+    parameters the loss does not reach are inactive and carry values of their own (plain SGD:
+    ``a = 0``, ``c = 1``), so entry 0 would be wrong when such a parameter comes first."""
+    i = 0
+    if st.active is not None:
+        idx = torch.nonzero(st.active.reshape(-1))
+        i = int(idx[0, 0]) if idx.numel() else 0
+    out = []
+    for f in ("a", "a2", "b", "beta", "c"):
+        t = torch.as_tensor(getattr(st, f)).reshape(-1)
+        out.append(float(t[i if t.numel() > 1 else 0]))
+    return tuple(out)  # type: ignore[return-value]
+
+
 def _coeffs(structure) -> _blocks.BlockCoefficients | None:
     """Scalar block coefficients when uniform (the EP yardstick), else None."""
     if structure is None or not structure.uniform or structure.order != 2:
         return None
-    return _blocks.BlockCoefficients(
-        *(float(getattr(structure, f).reshape(-1)[0]) for f in ("a", "a2", "b", "beta", "c"))
-    )
+    return _blocks.BlockCoefficients(*_scalar_coefficients(structure))
 
 
 def _sym_operator(structure):
@@ -509,7 +524,7 @@ def _structured_modes(op, st, sq, res, which, tol) -> dict[str, Any]:
     basis = _Subspace(st=st, W=W, sq=sq, SW=res.images if HtU is None else None, HtU=HtU)
     lanczos_ok = np.asarray(res.converged, dtype=bool)
     if st.order == 1:
-        c, a = (float(t.reshape(-1)[0]) for t in (st.c, st.a))
+        a, _, _, _, c = _scalar_coefficients(st)
         z = (c - a * s).astype(np.complex128)
         C = np.eye(m, dtype=np.complex128)
         # Left eigenvectors of c - a D Ht are D^-1 u: y^T x = w^T w = 1.
@@ -518,7 +533,7 @@ def _structured_modes(op, st, sq, res, which, tol) -> dict[str, Any]:
         z_mode, target = np.abs(z), f"{which} of D^1/2 Ht D^1/2 (eigsh)"
         conv_solver = lanczos_ok
     else:
-        a, a2, b, beta, c = (float(t.reshape(-1)[0]) for t in (st.a, st.a2, st.b, st.beta, st.c))
+        a, a2, b, beta, c = _scalar_coefficients(st)
         zb, P = _blocks.block_eigen(s, a, a2, b, beta, c)  # (m, 2), (m, 2, 2)
         # Basis (u_i, 0) for i < m, then (0, D^-1 u_i); eigenvector (i, r) = P[i,0,r] (u_i, 0) +
         # P[i,1,r] (0, D^-1 u_i).
@@ -978,8 +993,7 @@ def _structured_moments(sub: _Subspace, C: np.ndarray, z: np.ndarray, s: np.ndar
     gram, G1, sums = (x.cpu().numpy() for x in (gram, G1, sums))
     Ad, Dw, Dy, Iw, Iy = (gram[:m, :m], gram[m : 2 * m, :m], gram[m : 2 * m, m:],
                           gram[2 * m :, :m], gram[2 * m :, m:])
-    a, a2, b, beta, c = (float(getattr(st, f).reshape(-1)[0])
-                         for f in ("a", "a2", "b", "beta", "c"))
+    a, a2, b, beta, c = _scalar_coefficients(st)
     zero = np.zeros((m, m))
     if order == 1:
         G, BtJB, GL, cross = Ad, c * Ad - a * Dy, Iw, G1

@@ -342,25 +342,41 @@ def test_zero_learning_rate_is_a_clear_error():
         estimate(model, opt, loss_fn, batch)
 
 
-def test_parameter_the_loss_does_not_reach_is_finite():
-    net, batch, loss_fn = mlp_problem(seed=13)
+@pytest.mark.parametrize("name", ["heavy_ball", "adam"])
+def test_parameter_the_loss_does_not_reach_is_finite(name):
+    """A layer the loss does not reach, registered last or first: its entries are inactive and
+    carry block coefficients of their own, so the structured path must read the coefficients
+    at a reached entry (entry 0 once gave z = 1, 0, J's eigenvalues on the unused layer, with
+    zero residuals). Both orders give the same modes, which are eigenvalues of J."""
+    net0, batch, loss_fn = mlp_problem(seed=13)
 
     class WithUnused(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, first):
             super().__init__()
-            self.net = net
-            self.unused = torch.nn.Linear(2, 2).double()  # no gradient: D = 0 on its entries
+            if first:
+                self.unused = torch.nn.Linear(2, 2).double()  # no gradient: D = 0 on its entries
+            self.net = copy.deepcopy(net0)
+            if not first:
+                self.unused = torch.nn.Linear(2, 2).double()
 
         def forward(self, x):
             return self.net(x)
 
-    model = WithUnused()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    take_steps(model, opt, loss_fn, batch)
-    rep = estimate(model, opt, loss_fn, batch, k=2)
-    assert rep.all_converged and np.isfinite(rep.kappa_V)
-    J = update_operator(model, opt, loss_fn, batch).to_dense().numpy()
-    assert np.max(match(rep.eigenvalues, np.linalg.eigvals(J))) < 1e-6
+    reps = []
+    for first in (False, True):
+        model = WithUnused(first)
+        assert next(model.named_parameters())[0].startswith("unused") == first
+        opt = OPTIMIZERS[name](model.parameters())
+        take_steps(model, opt, loss_fn, batch)
+        rep = estimate(model, opt, loss_fn, batch, k=2)
+        assert rep.method == "structured"
+        assert rep.all_converged and np.isfinite(rep.kappa_V)
+        J = update_operator(model, opt, loss_fn, batch).to_dense().numpy()
+        assert np.max(match(rep.eigenvalues, np.linalg.eigvals(J))) < 1e-6
+        reps.append(rep)
+    np.testing.assert_allclose(reps[1].curvatures, reps[0].curvatures, rtol=1e-8)
+    assert np.max(match(reps[1].eigenvalues, reps[0].eigenvalues)) < 1e-8
+    assert np.min(np.abs(reps[0].eigenvalues - 1)) > 1e-3  # not the unused layer's z = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,15 +405,19 @@ def _sharp_mlp(name="heavy_ball", width=32, seed=3):
 
 def _structure_problem(name):
     """The update operator of a small float64 MLP after 3 steps of optimizer ``name``
-    (``OPTIMIZERS``, ``"sgd"`` without momentum, or ``"unused"``: heavy ball on a model with a
-    layer the loss does not reach, whose entries have D = 0)."""
+    (``OPTIMIZERS``, ``"sgd"`` without momentum, or ``"unused"`` / ``"unused_first"``: heavy
+    ball on a model with a layer the loss does not reach, whose entries have D = 0, registered
+    after or before the network)."""
     model, batch, loss_fn = mlp_problem(seed=4)
-    if name == "unused":
-        model = torch.nn.ModuleDict({"net": model, "unused": torch.nn.Linear(2, 2).double()})
+    if name.startswith("unused"):
+        layers = {"net": model, "unused": torch.nn.Linear(2, 2).double()}
+        if name == "unused_first":
+            layers = dict(reversed(list(layers.items())))
+        model = torch.nn.ModuleDict(layers)
         net = model["net"]
         model.forward = lambda x: net(x)  # noqa: E731 - a module whose extra layer is unused
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1)}.get(name) or OPTIMIZERS[
-        "heavy_ball" if name == "unused" else name]
+        "heavy_ball" if name.startswith("unused") else name]
     opt = make(model.parameters())
     take_steps(model, opt, loss_fn, batch)
     return update_operator(model, opt, loss_fn, batch)
@@ -663,7 +683,7 @@ def test_chunked_moments_match_dense_float64(name, monkeypatch):
     np.testing.assert_allclose(np.delete(got, 2), np.delete(ref, 2), rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["heavy_ball", "adam", "sgd", "unused"])
+@pytest.mark.parametrize("name", ["heavy_ball", "adam", "sgd", "unused", "unused_first"])
 def test_structured_moments_equal_the_row_pass(name):
     """_structured_moments (weighted sums over W and S W) gives what _moments gets from the rows
     of B and J B, in float64: per-entry D (Adam), order 1 (plain SGD), entries with D = 0 (a
@@ -673,7 +693,7 @@ def test_structured_moments_equal_the_row_pass(name):
     op = _structure_problem(name)
     st = op.structure()
     S, sq = est._sym_operator(st)
-    assert bool((sq == 0).any()) == (name == "unused")
+    assert bool((sq == 0).any()) == name.startswith("unused")
     if name == "adam":
         assert float(st.D.max()) > 1.5 * float(st.D[st.D > 0].min())  # D is not uniform
     for tol in (1e-10, 1e-3):
