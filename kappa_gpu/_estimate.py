@@ -369,8 +369,10 @@ def _sym_operator(structure):
     def mm(X):
         return H.matmat(sq[:, None] * X).mul_(sq[:, None])  # the product is a fresh tensor
 
-    return aslinearoperator(mv, shape=H.shape, dtype=H.dtype, device=H.device, rmatvec=mv,
-                            matmat=mm, rmatmat=mm), sq
+    S = aslinearoperator(mv, shape=H.shape, dtype=H.dtype, device=H.device, rmatvec=mv,
+                         matmat=mm, rmatmat=mm)
+    S._strided_ok = H._strided_ok
+    return S, sq
 
 
 def _hessian_of_modes(st, sq: torch.Tensor, res, W: torch.Tensor) -> torch.Tensor | None:

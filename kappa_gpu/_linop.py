@@ -33,6 +33,11 @@ class LinearOperator:
         device: the device of those vectors.
     """
 
+    #: Whether ``matmat`` takes any strided ``(n, s)`` block, e.g. the transposed view of
+    #: ``s`` contiguous rows. The solvers pass such views only to operators that set it (the
+    #: Hessian operators, whose engine works row by row); everyone else gets contiguous blocks.
+    _strided_ok: bool = False
+
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | str):
         m, n = (int(s) for s in shape)
         if m < 0 or n < 0:

@@ -68,12 +68,12 @@ Overhead cap (``max_overhead``). With ``max_overhead=f`` a due estimate is skipp
 counted in :attr:`MonitorOverhead.n_skipped`, logged once at INFO level) when running it would
 take the monitor's time above ``f`` times the training time so far, its cost predicted by the
 mean wall time of the estimates so far: ``monitor_seconds + mean_estimate > f *
-train_seconds``. The first estimate always runs (it measures the cost), and ``force=True``
-always estimates. The ratio then stays at most ``f`` after the first estimate (up to the
-prediction's error), estimates coming every ``every`` steps while that fits and at the next due
-step after training has caught up otherwise: a fixed price for an early warning that arrives
-less often. Not with a DDP model (every rank must enter every estimate, and the ranks' clocks
-differ): raise ``every`` there.
+train_seconds``. The first estimate always runs (it measures the cost; the ratio may exceed
+``f`` until training has paid it back), and ``force=True`` always estimates. After that no
+estimate takes the ratio above ``f`` (up to the prediction's error): estimates come every
+``every`` steps while that fits and at the next due step after training has caught up
+otherwise, a fixed price for an early warning that arrives less often. Not with a DDP model
+(every rank must enter every estimate, and the ranks' clocks differ): raise ``every`` there.
 
 Budget (``budget_s``). The estimator has no time hook, so the cap is enforced through the
 solver's ``maxiter`` (its maximum number of restarts): the seconds per HVP measured on the
@@ -478,7 +478,9 @@ class KappaMonitor:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if budget_s is not None and not budget_s > 0:
             raise ValueError(f"budget_s must be > 0 seconds (or None for no cap), got {budget_s}")
-        if max_overhead is not None and not (0 < max_overhead < math.inf):
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool) or not 0 < max_overhead < math.inf
+        ):
             raise ValueError(
                 f"max_overhead must be a fraction > 0 of the training time (e.g. 0.05), or None "
                 f"for no cap; got {max_overhead}"

@@ -601,8 +601,13 @@ def test_chunked_moments_match_dense_float64(name, monkeypatch):
     coef = {f: getattr(st, f).double()[:, None] for f in ("D", "a", "a2", "b", "beta", "c")}
 
     def dense(sub):
-        """B, its left basis Bl and J B in float64, written out from the operator's formulas."""
-        U, V, H = (t.double() for t in (sub.U, sub.DinvU, sub.HtU))
+        """B, its left basis Bl and J B in float64, written out from the operator's formulas
+        with U = sq W, D^-1 U = W / sq, Ht U = (S W) / sq from the stored W and S W."""
+        assert sub.SW is not None  # the certificate products were kept (no HVPs for Ht U)
+        W, sqc = sub.W.double(), sub.sq.double()[:, None]
+        U = sqc * W
+        V = torch.where(sqc > 0, W / sqc, 0)
+        H = torch.where(sqc > 0, sub.SW.double() / sqc, 0)
         top = coef["c"] * U - coef["D"] * coef["a"] * H
         if st.order == 1:
             return U, V, top

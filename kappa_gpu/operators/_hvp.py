@@ -500,6 +500,9 @@ class _HVPEngine:
         assert out is not None
         if out.numel() == 0:
             return out
+        if out.ndim == 2 and not out.is_contiguous() and out.T.is_contiguous():
+            self.comm.average_(out.T)  # a view of rows (the input's layout): averaged in place
+            return out
         return self.comm.average_(out.contiguous())
 
     def _local_hvp(self, V: torch.Tensor) -> torch.Tensor:
@@ -671,7 +674,10 @@ class HessianOperator(_EngineAttributes, LinearOperator):
 
     Costs one Hessian-vector product per column (``matvec``: 1, ``matmat`` with ``s`` columns:
     ``s``, batched with ``vmap``); ``rmatvec`` is ``matvec`` (the operator is symmetric).
-    See the module docstring for the HVP modes, randomness and normalization layers.
+    See the module docstring for the HVP modes, randomness and normalization layers. The layout
+    of a ``matmat`` product follows its input's, as torch's elementwise operations do: a
+    contiguous ``(n, s)`` block gets a contiguous product, the ``(n, s)`` transposed view of
+    ``s`` contiguous rows (what the solvers pass) gets such a view back (reverse mode).
 
     Attributes:
         n_hvp: HVP columns applied so far by every operator sharing this engine.
@@ -683,6 +689,8 @@ class HessianOperator(_EngineAttributes, LinearOperator):
         sign: +1, or -1 for ``maximize=True`` optimizers.
         shift: None, a float, or an ``(n,)`` tensor added on the diagonal.
     """
+
+    _strided_ok = True  # the engine applies a block row by row; layout in -> layout out
 
     def __init__(
         self, engine: _HVPEngine, sign: float = 1.0, shift: float | torch.Tensor | None = None

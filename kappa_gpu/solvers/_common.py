@@ -254,7 +254,7 @@ def true_residuals(
         if images is not None:
             images.append(AX)
         R = X * torch.as_tensor(-z.real, dtype=X.dtype, device=X.device)
-        R += AX  # one n x k temporary
+        R = R.add_(AX) if not AX.is_complex() else R + AX  # one n x k temporary
         return torch.linalg.vector_norm(R, dim=0).to("cpu", torch.float64).numpy(), k
     reps = [i for i in range(k) if partner is None or partner[i] < 0 or partner[i] > i]
     cols, where = [], []

@@ -184,9 +184,11 @@ def _trlan(
         perm = np.argsort(-theta[wanted], kind="stable")
         wanted, est, conv = wanted[perm], est[perm], conv[perm]
     z = theta[wanted]
-    # The certificate products take the Ritz vectors as rows (an (n, k) view: no transposing
-    # copies in and out of a row-wise HVP engine); the result gets a contiguous copy.
-    X = ritz_vectors(basis.columns(m), Y[:, wanted], complex_out=False, contiguous=False)
+    # Operators that take strided blocks (the Hessian operators: a row-wise HVP engine) get the
+    # Ritz vectors as an (n, k) view of their rows, with no transposing copies in and out; the
+    # result gets a contiguous copy. Other operators get the contiguous block.
+    X = ritz_vectors(basis.columns(m), Y[:, wanted], complex_out=False,
+                     contiguous=not A._strided_ok)
     images: list = []
     res, n_cert = true_residuals(A, X, z.astype(np.complex128), None, images)
     X = X.contiguous()
