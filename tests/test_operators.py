@@ -630,6 +630,25 @@ def test_a_backward_outside_autograd_is_an_error_not_a_zero_hessian():
         H.matvec(torch.ones(H.shape[0], dtype=torch.float64))
 
 
+def test_forward_mode_does_not_read_a_cut_backward_as_zero():
+    """jvp(grad) through a once_differentiable backward gives exactly 0 (torch 2.13): the first
+    forward-mode product that is 0 is checked by double backward, which names the cause; a loss
+    that is linear in the parameters keeps its (correct) zero products."""
+    model = _OnceDifferentiableModel().double()
+    H = hessian_operator(model, mse, make_batch(), hvp="forward")
+    with pytest.raises(UnsupportedConfigurationError, match="exactly 0.*once_differentiable"):
+        H.matvec(torch.ones(H.shape[0], dtype=torch.float64))
+    assert H._engine._graph is None
+
+    lin = torch.nn.Linear(3, 1).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    Hl = hessian_operator(lin, lambda out, t: (out * t).sum(), (x, torch.ones(8, 1).double()),
+                          hvp="forward")
+    v = torch.ones(Hl.shape[0], dtype=torch.float64)
+    assert bool((Hl.matvec(v) == 0).all()) and bool((Hl.matvec(v) == 0).all())
+    assert Hl._engine._graph is None
+
+
 def test_auto_falls_back_to_forward_mode_without_double_backward():
     model = _NoDoubleModel().double()
     plain = _NoVmapModel().double()

@@ -17,9 +17,10 @@ remembers):
    step holds at its peak; for a list of batches, that of each batch together) lives as long as
    the operator.
 2. **forward-over-reverse** (``hvp="forward"``, and the fallback of ``"auto"`` when the model
-   or the loss has no double backward, e.g. a custom ``autograd.Function`` marked
-   ``once_differentiable``): ``torch.func.jvp`` of ``torch.func.grad`` of the loss written with
-   ``torch.func.functional_call``; several columns at once through
+   or the loss has no double backward, e.g. a custom ``autograd.Function`` whose backward
+   raises when differentiated but which has a ``jvp``): ``torch.func.jvp`` of
+   ``torch.func.grad`` of the loss written with ``torch.func.functional_call``; several
+   columns at once through
    ``torch.func.vmap(..., randomness="same")``. Costs about one forward and one backward pass
    with dual numbers per column, and keeps nothing between products; but a batched product
    holds the dual activations of all its columns at once (``kg.estimate`` of a
@@ -35,7 +36,9 @@ Each failure is detected once per operator, logged on the ``kappa_gpu`` logger, 
 remembered; :attr:`HessianOperator.hvp_mode` says which path is in use. A gradient whose graph
 does not lead back to the parameters (a custom ``autograd.Function`` whose backward runs outside
 autograd, ``once_differentiable``) raises :class:`UnsupportedConfigurationError`: its Hessian
-products would silently read 0.
+products would silently read 0. Forward mode reads through such a backward as 0 as well, so its
+first product, if exactly 0 for a nonzero vector, is checked once by double backward (a loss
+linear in the parameters, whose gradient has no graph, keeps its zero products).
 
 Determinism and non-interference (what every product sees):
 
@@ -232,6 +235,7 @@ class _HVPEngine:
         self.mode: str | None = None  # FORWARD_OVER_REVERSE / REVERSE_OVER_REVERSE once known
         self.fallback_reason: str | None = None
         self._vmap_ok: bool | None = None
+        self._zero_checked = False  # whether a forward-mode product was checked (_check_zero)
         self.loss_value: float | None = None
         self.unused: list[bool] = [False] * len(params)
 
@@ -532,8 +536,34 @@ class _HVPEngine:
                 self.mode = other
             else:
                 self.mode = mode
+        if self.mode == FORWARD_OVER_REVERSE and not self._zero_checked:
+            self._check_zero(V, out)
         self.n_hvp += s
         return out
+
+    def _check_zero(self, V: torch.Tensor, out: torch.Tensor) -> None:
+        """Forward mode reads through a backward computed outside autograd (a custom Function
+        whose backward is ``once_differentiable``) as 0, silently. So the first forward-mode
+        product is looked at once: if it is exactly 0 for a nonzero ``V``, one double backward
+        tells such a cut (:class:`_CutGraphError`, raised) from a loss that is linear in the
+        parameters (its gradient has no graph: the zero is right). Costs nothing otherwise."""
+        self._zero_checked = True
+        if not (bool((out == 0).all()) and bool((V != 0).any())):
+            return
+        try:
+            self._reverse(V)
+        except _CutGraphError as err:
+            why = str(err).split(" (If the loss")[0]
+            raise _CutGraphError(
+                f"a forward-mode Hessian-vector product came out exactly 0, and double backward "
+                f"shows why: {why} Forward mode reads through such a backward as 0 too."
+            ) from None
+        except Exception as err:  # no double backward here either: nothing to compare with
+            self._log("a forward-mode HVP is exactly 0 and could not be checked by double "
+                      "backward (%s: %s)", type(err).__name__, err)
+        finally:
+            if self.hvp_choice == "forward" or self.mode == FORWARD_OVER_REVERSE:
+                self._graph = None  # forward mode keeps no graph
 
     def _hvp_tuple(self, tangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return jvp(grad(self._loss), (self._primals,), (tangents,))[1]
