@@ -341,13 +341,14 @@ def _scalar_coefficients(st) -> tuple[float, float, float, float, float]:
     parameters the loss does not reach are inactive and carry values of their own (plain SGD:
     ``a = 0``, ``c = 1``), so entry 0 would be wrong when such a parameter comes first."""
     i = 0
-    if st.active is not None:
-        idx = torch.nonzero(st.active.reshape(-1))
-        i = int(idx[0, 0]) if idx.numel() else 0
+    if st.active is not None:  # the first active entry (argmax of the mask: no index list)
+        i = int(torch.argmax(st.active.reshape(-1).view(torch.uint8)))
     out = []
     for f in ("a", "a2", "b", "beta", "c"):
-        t = torch.as_tensor(getattr(st, f)).reshape(-1)
-        out.append(float(t[i if t.numel() > 1 else 0]))
+        v = getattr(st, f)
+        if isinstance(v, torch.Tensor):
+            v = v.reshape(-1)[i if v.numel() > 1 else 0]
+        out.append(float(v))
     return tuple(out)  # type: ignore[return-value]
 
 

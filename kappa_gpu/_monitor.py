@@ -479,7 +479,9 @@ class KappaMonitor:
         if budget_s is not None and not budget_s > 0:
             raise ValueError(f"budget_s must be > 0 seconds (or None for no cap), got {budget_s}")
         if max_overhead is not None and (
-            isinstance(max_overhead, bool) or not 0 < max_overhead < math.inf
+            isinstance(max_overhead, (bool, np.bool_))
+            or not isinstance(max_overhead, (int, float, np.number))
+            or not 0 < max_overhead < math.inf
         ):
             raise ValueError(
                 f"max_overhead must be a fraction > 0 of the training time (e.g. 0.05), or None "
@@ -599,14 +601,18 @@ class KappaMonitor:
         """
         if not self.active:
             return None
+        step_no = self._step + 1 if step is None else int(step)
+        due = force or self.due(step_no)
+        if due:
+            self._sync()  # kernels the training step queued count as training time
         t_in = time.perf_counter()
         dt = t_in - self._exit
         self._train_seconds += dt
         self._last_train_step = dt
-        self._step = self._step + 1 if step is None else int(step)
+        self._step = step_no
         record = None
         try:
-            if force or self.due(self._step):
+            if due:
                 if not force and self._over_cap():
                     self._n_skipped += 1
                 else:
@@ -656,6 +662,15 @@ class KappaMonitor:
         self.close()
 
     # ------------------------------------------------------------------ internals
+
+    def _sync(self) -> None:
+        """Wait for the device's queued work (CUDA), so that it is timed as training."""
+        try:
+            device = self._device()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception:  # a device error surfaces in the estimate, isolated there
+            pass
 
     def _over_cap(self) -> bool:
         """Whether the estimate due now would take the monitor above ``max_overhead``."""

@@ -446,8 +446,9 @@ def test_max_overhead_skips_due_estimates_to_stay_under_the_cap(monkeypatch, cap
     assert len(done) == 10 and free.overhead().n_skipped == 0 and ratios[-1] == 5.0
     with pytest.raises(ValueError, match="max_overhead"):
         KappaMonitor(model, opt, loss_fn, max_overhead=0)
-    with pytest.raises(ValueError, match="max_overhead"):
-        KappaMonitor(model, opt, loss_fn, max_overhead=True)
+    for bad in (True, np.bool_(True), "0.1", -0.1, math.inf):
+        with pytest.raises(ValueError, match="max_overhead"):
+            KappaMonitor(model, opt, loss_fn, max_overhead=bad)
 
 
 def test_argument_validation():

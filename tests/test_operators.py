@@ -432,6 +432,13 @@ def test_hessian_matmat_output_layout_follows_the_input():
     torch.testing.assert_close(dense, Hd @ rows.T, rtol=1e-12, atol=1e-12)
     res = eigsh(H, k=2, tol=1e-10, generator=torch.Generator().manual_seed(0))
     assert res.eigenvectors.is_contiguous()
+    assert H._strided_ok
+
+    class Contiguous(HessianOperator):  # a subclass with its own block product
+        def _matmat(self, X):
+            return torch.stack([self._matvec(X[:, j]) for j in range(X.shape[1])], 1)
+
+    assert not Contiguous(H._engine)._strided_ok
     torch.testing.assert_close(res.images, Hd @ res.eigenvectors, rtol=1e-10, atol=1e-12)
 
 
@@ -653,8 +660,9 @@ def test_a_partly_cut_graph_is_an_error_not_a_wrong_hessian(hvp):
     batch = make_batch()
     v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     H = hessian_operator(model, mse, batch, hvp=hvp)
-    with pytest.raises(UnsupportedConfigurationError, match="once_differentiable"):
-        H.matvec(v)
+    for x in (torch.zeros_like(v), v, v):  # a zero vector first; every product raises
+        with pytest.raises(UnsupportedConfigurationError, match="once_differentiable"):
+            H.matvec(x)
     assert H._engine._graph is None or hvp == "auto"
     Hp = hessian_operator(plain, mse, batch, hvp=hvp)
     ref = dense_hessian(plain, mse, batch, list(plain.parameters()))
@@ -667,8 +675,10 @@ def test_forward_mode_does_not_read_a_cut_backward_as_zero():
     its (correct) zero products."""
     model = _OnceDifferentiableModel().double()
     H = hessian_operator(model, mse, make_batch(), hvp="forward")
-    with pytest.raises(UnsupportedConfigurationError, match="once_differentiable"):
-        H.matvec(torch.ones(H.shape[0], dtype=torch.float64))
+    ones = torch.ones(H.shape[0], dtype=torch.float64)
+    for x in (torch.zeros_like(ones), ones, ones):
+        with pytest.raises(UnsupportedConfigurationError, match="once_differentiable"):
+            H.matvec(x)
     assert H._engine._graph is None
 
     lin = torch.nn.Linear(3, 1).double()
@@ -678,6 +688,30 @@ def test_forward_mode_does_not_read_a_cut_backward_as_zero():
     v = torch.ones(Hl.shape[0], dtype=torch.float64)
     assert bool((Hl.matvec(v) == 0).all()) and bool((Hl.matvec(v) == 0).all())
     assert Hl._engine._graph is None
+
+
+@pytest.mark.parametrize("hvp", ["auto", "forward"])
+def test_a_loss_linear_in_the_differentiated_parameters_has_zero_products(hvp):
+    """Differentiating a subset (the head) of a model whose other parameters, and inputs,
+    require grad: those are passed detached, so a loss linear in the head has zero products
+    without a graph (no cut reported), and an update operator on the head works in both
+    modes."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 1)).double()
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(8, 1, dtype=torch.float64)
+    head = [model[2].weight]
+    H = hessian_operator(model, lambda out, tt: (out * tt).mean(), (x, t), params=head, hvp=hvp)
+    hv = H.matvec(torch.ones(H.shape[0], dtype=torch.float64))
+    assert bool((hv == 0).all()) and not hv.requires_grad
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
+    mse_loss = torch.nn.functional.mse_loss
+    opt.zero_grad()
+    mse_loss(model(x.detach()), t).backward()
+    opt.step()
+    J = update_operator(model, opt, mse_loss, (x.detach(), t), hvp=hvp)
+    Jv = J.matvec(torch.ones(J.shape[0], dtype=torch.float64))
+    assert torch.isfinite(Jv).all() and not Jv.requires_grad
 
 
 def test_auto_falls_back_to_forward_mode_without_double_backward():

@@ -83,6 +83,7 @@ from typing import Any
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._pytree import tree_map
 
 from kappa_gpu._distributed import Communicator, checksum, resolve_model
 from kappa_gpu._linop import LinearOperator
@@ -260,6 +261,20 @@ class _HVPEngine:
                     if getattr(mod, b, None) is not None:
                         none_buffers[f"{mname}.{b}" if mname else b] = None
         self._none_buffers = none_buffers
+        # Parameters that are not differentiated but require grad (another optimizer's, or a
+        # subset given as params=) and inputs that require grad: passed detached, so the
+        # products' graph holds only what the Hessian needs, products come back without a
+        # graph, and a gradient with no path to the differentiated parameters has no graph.
+        diff = {id(p) for p in params}
+        self._frozen = {
+            n: p.detach()
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if id(p) not in diff and p.requires_grad
+        }
+        self.batches = [
+            tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, pair)
+            for pair in self.batches
+        ]
         self._buffers = {
             n: b for n, b in model.named_buffers() if n not in none_buffers and b is not None
         }
@@ -274,14 +289,19 @@ class _HVPEngine:
         self.mode: str | None = None  # FORWARD_OVER_REVERSE / REVERSE_OVER_REVERSE once known
         self.fallback_reason: str | None = None
         self._vmap_ok: bool | None = None
-        self._zero_checked = False  # whether a forward-mode product was checked (_check_zero)
-        self._graph_cut = False  # the kept graph runs through a once_differentiable backward
+        # forward mode's checks (_check_forward): the graph searched, a nonzero product seen
+        self._graph_searched = False
+        self._zero_checked = False
+        # why the products cannot be right (a cut in the gradient's graph): raised by every
+        # product once found
+        self._cut: str | None = None
         self.loss_value: float | None = None
         self.unused: list[bool] = [False] * len(params)
 
     # -- the loss ------------------------------------------------------------------------
     def _loss(self, ptensors, *, buffers=None, wrap: bool = False) -> torch.Tensor:
         tensors: dict[str, Any] = dict(self._none_buffers)
+        tensors.update(self._frozen)
         if buffers is not None:
             tensors.update(buffers)
         else:
@@ -450,7 +470,9 @@ class _HVPEngine:
         with torch.enable_grad():
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         self._graph = (leaves, grads)
-        self._graph_cut = bool(_cut_nodes(grads))  # raised at the first product (_reverse)
+        self._graph_searched = True
+        if _cut_nodes(grads):
+            self._cut = _PARTIAL_CUT  # raised by every product (_local_hvp)
         return loss.detach(), True, [None if g is None else g.detach() for g in grads]
 
     def _average_gradient(
@@ -553,6 +575,8 @@ class _HVPEngine:
     def _local_hvp(self, V: torch.Tensor) -> torch.Tensor:
         """This process's ``H @ V`` (its own loss and batch)."""
         self.check_fresh()
+        if self._cut is not None:
+            raise _CutGraphError(self._cut)
         s = 1 if V.ndim == 1 else V.shape[1]
         if s == 0:
             return torch.zeros_like(V)
@@ -578,42 +602,48 @@ class _HVPEngine:
             else:
                 self.mode = mode
         if self.mode == FORWARD_OVER_REVERSE and not self._zero_checked:
-            self._check_zero(V, out)
+            self._check_forward(V, out)
         self.n_hvp += s
         return out
 
-    def _check_zero(self, V: torch.Tensor, out: torch.Tensor) -> None:
+    def _check_forward(self, V: torch.Tensor, out: torch.Tensor) -> None:
         """Forward mode reads through a backward computed outside autograd (a custom Function
         whose backward is ``once_differentiable``) as 0, silently. So at the first forward-mode
         product the gradient's graph is built once (not kept) and searched for such a backward
-        (:func:`_cut_nodes`); and if the product is exactly 0 for a nonzero ``V``, one double
-        backward tells a cut (:class:`_CutGraphError`, raised) from a loss that is linear in the
-        parameters (its gradient has no graph: the zero is right). Costs one gradient with its
-        graph, once per operator."""
+        (:func:`_cut_nodes`), and the first product of a nonzero ``V``, if exactly 0, is checked
+        by double backward, which tells a cut from a loss that is linear in the parameters (its
+        gradient has no graph: the zero is right). A cut is remembered: every later product
+        raises too. Costs one gradient with its graph, once per operator (a transient peak of
+        about a training step's memory)."""
+        if not self._graph_searched:
+            self._graph_searched = True
+            try:
+                self._gradient_graph()
+            except _CutGraphError as err:
+                self._cut = str(err)
+                raise
+            except Exception as err:  # no graph to search (e.g. no create_graph through it)
+                self._log("the gradient's graph could not be built to check the forward-mode "
+                          "HVP (%s: %s)", type(err).__name__, err)
+        if not bool((V != 0).any()):
+            return  # a zero vector tells nothing: check the next product
         self._zero_checked = True
-        try:
-            self._gradient_graph()
-        except _CutGraphError:
-            raise
-        except Exception as err:  # no graph to search (e.g. no create_graph through the model)
-            self._log("the gradient's graph could not be built to check the forward-mode HVP "
-                      "(%s: %s)", type(err).__name__, err)
-        if not (bool((out == 0).all()) and bool((V != 0).any())):
+        if not bool((out == 0).all()):
             return
         try:
             self._reverse(V)
         except _CutGraphError as err:
             why = str(err).split(" (If the loss")[0]
-            raise _CutGraphError(
+            self._cut = (
                 f"a forward-mode Hessian-vector product came out exactly 0, and double backward "
                 f"shows why: {why} Forward mode reads through such a backward as 0 too."
-            ) from None
+            )
+            raise _CutGraphError(self._cut) from None
         except Exception as err:  # no double backward here either: nothing to compare with
             self._log("a forward-mode HVP is exactly 0 and could not be checked by double "
                       "backward (%s: %s)", type(err).__name__, err)
         finally:
-            if self.hvp_choice == "forward" or self.mode == FORWARD_OVER_REVERSE:
-                self._graph = None  # forward mode keeps no graph
+            self._graph = None  # forward mode keeps no graph
 
     def _hvp_tuple(self, tangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return jvp(grad(self._loss), (self._primals,), (tangents,))[1]
@@ -680,8 +710,7 @@ class _HVPEngine:
             graph = self._gradient_graph()
             if cached:
                 self._graph = graph
-        elif self._graph_cut:
-            raise _CutGraphError(_PARTIAL_CUT)
+
         leaves, grads = graph
         # gradient entries without a graph (linear in the params) have zero Hessian rows
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -781,12 +810,15 @@ class HessianOperator(_EngineAttributes, LinearOperator):
     """
 
     _strided_ok = True  # the engine applies a block row by row; layout in -> layout out
+    # (instances of subclasses that override _matmat get False: see __init__)
 
     def __init__(
         self, engine: _HVPEngine, sign: float = 1.0, shift: float | torch.Tensor | None = None
     ):
         super().__init__((engine.n, engine.n), engine.dtype, engine.device)
         self._engine = engine
+        # strided blocks are fine for this class's products, not for a subclass's own _matmat
+        self._strided_ok = type(self)._matmat is HessianOperator._matmat
         self.sign = float(sign)
         if isinstance(shift, torch.Tensor):
             shift = shift.to(device=engine.device, dtype=engine.dtype)
