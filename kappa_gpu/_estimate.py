@@ -915,10 +915,15 @@ def _moments(parts: list[_Subspace], C: np.ndarray | None = None, z: np.ndarray 
     return _Moments(G=G, BtJB=BtJB, GL=GL, cross=cross, BtX=BtX, residuals=resid)
 
 
-def _structured_moments(sub: _Subspace, C: np.ndarray, z: np.ndarray, s: np.ndarray,
-                        mode_of: np.ndarray) -> _Moments | None:
-    """What :func:`_moments` returns for one structured basis whose Hessian products are eigsh's
+def _structured_moments(subs: _Subspace | list[_Subspace], C: np.ndarray | None = None,
+                        z: np.ndarray | None = None, s: np.ndarray | None = None,
+                        mode_of: np.ndarray | None = None) -> _Moments | None:
+    """What :func:`_moments` returns for structured bases whose Hessian products are eigsh's
     certificate products S W, from weighted sums over W and S W: no rows of B or J B.
+
+    ``subs``: one basis, with ``C``, ``z``, ``s`` (its curvatures) and ``mode_of`` for the
+    residuals; or several of the same operator side by side (``modes="both"``), for the
+    Gram matrices only (B = [B_1 | B_2 | ...], each B_i in its own column order).
 
     With sq = D^1/2 as S uses it, U = sq W, D^-1 U = W / sq and Ht U = S W / sq, every block of
     B^T B, B^T J B, Bl^T Bl and Bl^T B is a Gram matrix of W against W or S W with weight 1,
@@ -936,37 +941,46 @@ def _structured_moments(sub: _Subspace, C: np.ndarray, z: np.ndarray, s: np.ndar
     Returns ``None`` when it does not apply (Ht U from HVPs, a dense basis, or ``C`` with more
     than one mode in a column): the caller uses :func:`_moments`.
     """
-    st, W, SW, sq = sub.st, sub.W, sub.SW, sub.sq
-    if sub.B is not None or SW is None:
+    subs = [subs] if isinstance(subs, _Subspace) else list(subs)
+    st, sq = subs[0].st, subs[0].sq
+    if any(b.B is not None or b.SW is None or b.st is not st for b in subs) or (
+        C is not None and len(subs) > 1
+    ):
         return None
-    m = W.shape[1]
+    ms = [b.W.shape[1] for b in subs]
+    m = sum(ms)
     order = st.order
-    p_of = np.zeros((C.shape[1], 2), dtype=np.complex128)
-    for j, i in enumerate(np.asarray(mode_of)):
-        idx = [int(i)] if order == 1 else [int(i), m + int(i)]
-        if np.any(np.delete(C[:, j], idx) != 0):
-            return None
-        p_of[j, : len(idx)] = C[idx, j]
-    dev = W.device
+    nrows = subs[0].W.shape[0]
+    p_of = None
+    if C is not None:
+        p_of = np.zeros((C.shape[1], 2), dtype=np.complex128)
+        for j, i in enumerate(np.asarray(mode_of)):
+            idx = [int(i)] if order == 1 else [int(i), m + int(i)]
+            if np.any(np.delete(C[:, j], idx) != 0):
+                return None
+            p_of[j, : len(idx)] = C[idx, j]
+    dev = subs[0].W.device
     f64 = dict(dtype=torch.float64, device=dev)
-    sv = torch.as_tensor(np.asarray(s, dtype=np.float64), **f64)
+    sv = torch.as_tensor(np.asarray(s if s is not None else np.zeros(m), dtype=np.float64), **f64)
+    cols = np.cumsum([0] + ms)
     gram = torch.zeros(3 * m, 2 * m, **f64)  # [sq^2 w | D w | w / sq^2]^T [w | S w]
     G1 = torch.zeros(m, m, **f64)  # W^T W (entries with D > 0)
     # [sq delta, delta^2, sq t, delta t, t^2, 1 / sq^2]^T [w^2 | w r | r^2]: the per-mode sums
     sums = torch.zeros(6, 3 * m, **f64)
     masked = not bool((sq > 0).all())  # entries with D = 0 (not reached, or lr = 0)
-    step = min(_chunk_rows(dev, 12 * m), W.shape[0])
+    step = min(_chunk_rows(dev, 12 * m), nrows)
     # Chunk buffers, written in place (no concatenations): the float64 columns [w | S w],
     # [sq^2 w | D w | w / sq^2], [w^2 | w r | r^2] and the six per-row weights.
     WY, L, Q = (torch.empty(step, q * m, **f64) for q in (2, 3, 3))
     wts = torch.empty(step, 6, **f64)
-    for lo in range(0, W.shape[0], step):
-        hi = min(lo + step, W.shape[0])
+    for lo in range(0, nrows, step):
+        hi = min(lo + step, nrows)
         k_ = hi - lo
         wy, lft, quad, wt = WY[:k_], L[:k_], Q[:k_], wts[:k_]
         w, y = wy[:, :m], wy[:, m:]
-        w.copy_(W[lo:hi])
-        y.copy_(SW[lo:hi])
+        for b, c0, c1 in zip(subs, cols[:-1], cols[1:], strict=True):
+            w[:, c0:c1].copy_(b.W[lo:hi])
+            y[:, c0:c1].copy_(b.SW[lo:hi])
         sqc = sq[lo:hi].to(**f64)[:, None]
         Dm = st.D[lo:hi].to(**f64)[:, None]
         if masked:
@@ -985,6 +999,8 @@ def _structured_moments(sub: _Subspace, C: np.ndarray, z: np.ndarray, s: np.ndar
         torch.mul(w, inv2, out=lft[:, 2 * m :])
         gram.addmm_(lft.mT, wy)
         G1.addmm_(w.mT, w)
+        if p_of is None:
+            continue
         r = quad[:, 2 * m :]
         torch.addcmul(y, w, sv, value=-1.0, out=r)  # S w - s w
         torch.mul(w, w, out=quad[:, :m])
@@ -1004,6 +1020,12 @@ def _structured_moments(sub: _Subspace, C: np.ndarray, z: np.ndarray, s: np.ndar
         G, GL = np.block([[Ad, zero], [zero, Iw]]), np.block([[Iw, zero], [zero, Ad]])
         cross = np.block([[G1, zero], [zero, G1]])
         BtJB = np.block([[c * Ad - a * Dy, -b * Dw], [a2 * Iy, beta * Iw]])
+        if len(subs) > 1:  # [(U_1..U_k, 0) | (0, D^-1 U_1..)] -> [B_1 | B_2 | ...]
+            perm = np.concatenate([np.r_[c0:c1, m + c0 : m + c1]
+                                   for c0, c1 in zip(cols[:-1], cols[1:], strict=True)])
+            G, BtJB, GL, cross = (M[np.ix_(perm, perm)] for M in (G, BtJB, GL, cross))
+    if p_of is None:
+        return _Moments(G=G, BtJB=BtJB, GL=GL, cross=cross)
     i = np.asarray(mode_of)
     p0, p1, zz = p_of[:, 0], p_of[:, 1], np.asarray(z, dtype=np.complex128)
     si = np.asarray(s, dtype=np.float64)[i]
@@ -1057,14 +1079,14 @@ def _basis_geometry(bases: list[_Subspace], geometry: tuple | None = None
 
     B = [B_1 | B_2 | ...] are the bases side by side; ``geometry`` = (B^T B, B^T J B) when
     already known (one side: from its :func:`_structured_moments` or :func:`_moments` pass), else
-    one pass of :func:`_moments` computes them.
+    one pass computes them (:func:`_structured_moments` for structured bases of one operator).
     R comes from the Cholesky factor of the Gram matrix B^T B (p x p), which is accurate while
     the basis is well conditioned -- it is by construction: (u, 0) and (0, D^-1 u) have
     disjoint supports, and the u are D-orthogonal Lanczos vectors. Falls back to a Householder
     QR of B if the Gram matrix is not numerically positive definite.
     """
     if geometry is None:
-        mom = _moments(bases)
+        mom = _structured_moments(bases) or _moments(bases)
         geometry = (mom.G, mom.BtJB)
     G, BtJB = geometry
     try:

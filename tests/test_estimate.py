@@ -716,6 +716,16 @@ def test_structured_moments_equal_the_row_pass(name):
                                    atol=1e-15 * np.max(np.abs(z)))
         if tol == 1e-3:
             assert np.max(ref.residuals) > 1e-8  # residuals well above rounding, too
+    # modes="both": the Gram matrices of the two sides' bases side by side, in their order
+    outs = [est._structured_modes(op, st, sq, est.eigsh(S, k=3, which=w, tol=1e-10,
+                                                        generator=torch.Generator().manual_seed(0)),
+                                  w, 1e-4) for w in ("LA", "SA")]
+    bases = est._merge(outs)["bases"]
+    fast, ref = est._structured_moments(bases), est._moments(bases)
+    assert fast is not None and fast.residuals is None
+    for f in ("G", "BtJB", "GL", "cross"):
+        a, b = getattr(fast, f), getattr(ref, f)
+        assert a.shape == b.shape and np.max(np.abs(a - b)) <= 1e-12 * np.max(np.abs(b)), f
 
 
 def test_plain_sgd_structured_and_arnoldi_agree_with_dense():
