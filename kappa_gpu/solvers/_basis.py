@@ -72,7 +72,8 @@ class KrylovBasis:
     ):
         self.A, self.n, self.ncv, self.s = A, A.shape[0], ncv, s
         self.symmetric = symmetric
-        self.V = torch.zeros(ncv + s, self.n, dtype=A.dtype, device=A.device)
+        # cleared by start(), which every solver calls first (one pass over the basis, not two)
+        self.V = torch.empty(ncv + s, self.n, dtype=A.dtype, device=A.device)
         self.H = np.zeros((ncv + s, ncv))
         self.generator, self.name, self.reorth = generator, name, reorth
         self.n_matvec = 0
