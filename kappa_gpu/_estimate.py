@@ -780,19 +780,6 @@ class _Subspace:
         H = self._HtU[r].to(dt) if self._HtU is not None else self.SW[r].to(dt) * inv
         return sq * w, w * inv, H
 
-    # U, D^-1 U and Ht U whole, in float64 as :meth:`rows` forms them (references and tests).
-    @property
-    def U(self) -> torch.Tensor:
-        return self._parts(slice(None), torch.float64)[0]
-
-    @property
-    def DinvU(self) -> torch.Tensor:
-        return self._parts(slice(None), torch.float64)[1]
-
-    @property
-    def HtU(self) -> torch.Tensor:
-        return self._parts(slice(None), torch.float64)[2]
-
     def rows(self, lo: int, hi: int) -> list[tuple]:
         """Rows ``lo:hi`` in float64 as row blocks ``(cols, B, Bl, J B)``: B and Bl (None for a
         dense basis) on their nonzero columns ``cols`` only, J B on all p. Structured: the rows
