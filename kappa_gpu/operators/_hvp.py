@@ -633,10 +633,9 @@ class _HVPEngine:
         try:
             self._reverse(V)
         except _CutGraphError as err:
-            why = str(err).split(" (If the loss")[0]
             self._cut = (
                 f"a forward-mode Hessian-vector product came out exactly 0, and double backward "
-                f"shows why: {why} Forward mode reads through such a backward as 0 too."
+                f"shows why: {err}. Forward mode reads through such a backward as 0 too."
             )
             raise _CutGraphError(self._cut) from None
         except Exception as err:  # no double backward here either: nothing to compare with
@@ -740,9 +739,7 @@ class _HVPEngine:
                         "outside autograd (once_differentiable, or a detach), so second "
                         "derivatives through it are not available and Hessian-vector products "
                         "would read 0; give the Function a differentiable backward (torch "
-                        "operations on saved tensors) and a jvp. (If the loss is truly linear in "
-                        "the parameters, so that its Hessian is 0, build the operator with "
-                        "hvp='forward'.)"
+                        "operations on saved tensors) and a jvp"
                     )
             parts = [torch.zeros_like(p) if h is None else h
                      for h, p in zip(hv, leaves, strict=True)]
