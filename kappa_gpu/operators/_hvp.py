@@ -806,15 +806,14 @@ class HessianOperator(_EngineAttributes, LinearOperator):
         shift: None, a float, or an ``(n,)`` tensor added on the diagonal.
     """
 
-    _strided_ok = True  # the engine applies a block row by row; layout in -> layout out
-    # (instances of subclasses that override _matmat get False: see __init__)
 
     def __init__(
         self, engine: _HVPEngine, sign: float = 1.0, shift: float | torch.Tensor | None = None
     ):
         super().__init__((engine.n, engine.n), engine.dtype, engine.device)
         self._engine = engine
-        # strided blocks are fine for this class's products, not for a subclass's own _matmat
+        # strided blocks are fine for this class's products (the engine applies a block row by
+        # row, layout in -> layout out), not for a subclass's own _matmat
         self._strided_ok = type(self)._matmat is HessianOperator._matmat
         self.sign = float(sign)
         if isinstance(shift, torch.Tensor):
