@@ -72,10 +72,12 @@ def _cold_mean(solver, A, seeds=(1, 2, 3), **kw) -> float:
                           for s in seeds]))
 
 
-@pytest.mark.parametrize("k,tol,bound", [(3, 1e-4, 0.5), (4, 1e-6, 0.5)])
+@pytest.mark.parametrize("k,tol,bound", [(3, 1e-4, 0.5), (4, 1e-6, 0.65)])
 def test_eigsh_warm_start_after_perturbation(k, tol, bound):
     # Hessian-like spectrum; the operator moves by 1e-3 (relative, 2-norm) between the calls,
-    # as the Hessian does between two monitored training steps.
+    # as the Hessian does between two monitored training steps. Measured: k = 3: 6 vs 18.3
+    # matvecs; k = 4, tol 1e-6: 15 vs 24.3 (cold runs stop mid-cycle since the convergence test
+    # runs after every step: 34 before, the warm run 15 before and after).
     S = symmetric_spectrum(powerlaw(600), 0)
     S2 = perturbed(S, 1e-3, seed=1, symmetric=True)
     first = eigsh(S, k=k, tol=tol, generator=torch.Generator().manual_seed(0))
@@ -169,8 +171,12 @@ def _hessian_pair(n: int, scale: float) -> tuple[_DiagPlusLowRank, _DiagPlusLowR
     return _DiagPlusLowRank(d), _DiagPlusLowRank(d, U, C)
 
 
-@pytest.mark.parametrize("k", [3, 6])
-def test_eigsh_warm_start_at_scale_under_40_percent(k):
+@pytest.mark.parametrize("k,bound", [(3, 0.4), (6, 0.45)])
+def test_eigsh_warm_start_at_scale(k, bound):
+    # Measured: k = 3: 5 vs 16.7 matvecs; k = 6: 11 vs 26.3. Since the convergence test runs
+    # after every step, the cold runs stop mid-cycle (k = 6: 30.7 before) and so does the first
+    # run whose vectors start the warm one: less refined beyond tol, they cost the warm run 3
+    # more matvecs (8 before); first + warm: 37 instead of 39.
     H1, H2 = _hessian_pair(100_000, 100.0)
     first = eigsh(H1, k=k, tol=1e-4, generator=torch.Generator().manual_seed(0))
     cold = _cold_mean(eigsh, H2, k=k, tol=1e-4)
@@ -178,7 +184,7 @@ def test_eigsh_warm_start_at_scale_under_40_percent(k):
     assert warm.converged_all, warm.status
     ref = H2.dense_top(k)
     assert np.allclose(warm.eigenvalues.real.numpy(), ref, rtol=1e-4)
-    assert warm.n_matvec <= 0.4 * cold, (warm.n_matvec, cold)
+    assert warm.n_matvec <= bound * cold, (warm.n_matvec, cold)
 
 
 @pytest.mark.parametrize("which,sigma", [("LM", 1.0), ("LI", None)])
