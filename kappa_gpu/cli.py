@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from kappa_gpu._report import _jsonable
+
 __all__ = ["main", "run_demo"]
 
 
@@ -105,14 +107,21 @@ def run_demo(
         Path(out).write_text(
             json.dumps({"config": {"steps": steps, "every": every, "k": k, "lr": lr,
                                    "momentum": momentum, "seed": seed, "n_params": n_params},
-                        "records": records, "reports": reports}, indent=1)
+                        # strict JSON: a nan ratio (no complex mode) or inf growth as strings,
+                        # as in the reports' to_dict()
+                        "records": _jsonable(records), "reports": reports},
+                       indent=1, allow_nan=False)
         )
         print(f"wrote {out}", file=stream)
     return records
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kappa-gpu", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="kappa-gpu",
+        description="kappa_gpu: non-normality (kappa(V), exceptional points, transient growth) "
+        "of a PyTorch optimizer's update, measured while a model trains.",
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="train a small model and estimate kappa(V) as it trains")
     d.add_argument("--steps", type=int, default=300)

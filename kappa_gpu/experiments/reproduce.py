@@ -857,10 +857,16 @@ def _parse_optimizers(s: str) -> tuple[str, ...]:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``reproduce`` from parsed arguments (of :func:`add_reproduce_parser`); exit code."""
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
-    reproduce(args.out, _parse_optimizers(args.optimizer), seeds, quick=args.quick,
-              every=args.every, k=args.k, steps=args.steps, workers=args.workers,
-              dense=not args.no_dense, figures=not args.no_figures, quiet=args.quiet,
-              reanalyze=args.reanalyze)
+    try:
+        if seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {seeds}")
+        reproduce(args.out, _parse_optimizers(args.optimizer), seeds, quick=args.quick,
+                  every=args.every, k=args.k, steps=args.steps, workers=args.workers,
+                  dense=not args.no_dense, figures=not args.no_figures, quiet=args.quiet,
+                  reanalyze=args.reanalyze)
+    except (ValueError, FileNotFoundError) as e:  # bad arguments: a message, not a traceback
+        print(f"kappa-gpu reproduce: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
