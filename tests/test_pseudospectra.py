@@ -95,12 +95,37 @@ def test_accepts_result_objects_tensors_and_point_arrays():
     pts = np.array([0.5 + 0.0j, 2.0 + 1.0j])
     c = pseudospectra(H, pts)
     assert c.sigma_min.shape == (1, 2) and c.z.shape == (1, 2)
-    with pytest.raises(ValueError, match=r"\(m\+1, m\)"):
-        pseudospectra(np.ones((5, 3)), 10)
+    with pytest.raises(ValueError, match=r"\(m\+s, m\)"):
+        pseudospectra(np.ones((3, 5)), 10)
     with pytest.raises(ValueError, match="grid"):
         pseudospectra(H, "fine")
-    with pytest.raises(ValueError, match="hessenberg=None"):
+    with pytest.raises(ValueError, match="hessenberg=None.*method='arnoldi'"):
         pseudospectra(SimpleNamespace(hessenberg=None), 10)
+
+
+def test_block_krylov_result_is_an_inner_bound_too():
+    """eigs(block_size=2) keeps an (m+2) x m matrix: A V_m = V_{m+2} H~ is a decomposition of
+    the same kind, so its rectangular sigma_min is again >= the true one (dense SVD oracle)."""
+    from kappa_gpu.solvers import eigs
+
+    rng = np.random.default_rng(3)
+    n = 60
+    A = np.triu(rng.standard_normal((n, n)), 1) * 0.3 + np.diag(rng.uniform(-1, 1, n))
+    r = eigs(torch.from_numpy(A), k=4, block_size=2, generator=torch.Generator().manual_seed(0))
+    m = r.hessenberg.shape[1]
+    assert r.hessenberg.shape == (m + 2, m)
+    Z = np.linspace(-1.5, 1.5, 9)[None, :] + 1j * np.linspace(-1, 1, 7)[:, None]
+    ps = pseudospectra(r, Z)
+    assert ps.rectangular
+    true = np.array(
+        [np.linalg.svd(z * np.eye(n) - A, compute_uv=False)[-1] for z in Z.reshape(-1)]
+    ).reshape(Z.shape)
+    assert np.all(ps.sigma_min >= true * (1 - 1e-10) - 1e-12)
+    It = np.eye(m + 2, m)
+    brute = np.array(
+        [np.linalg.svd(z * It - r.hessenberg, compute_uv=False)[-1] for z in Z.reshape(-1)]
+    ).reshape(Z.shape)
+    np.testing.assert_allclose(ps.sigma_min, brute, rtol=1e-9, atol=1e-12)
 
 
 def test_non_normal_shows_large_resolvent_near_the_defective_pair():

@@ -6,7 +6,8 @@ factorization ``A V_m = V_{m+1} H~`` with the ``(m+1) x m`` rectangular Hessenbe
     sigma_min(z I~ - H~) = min_c ||(zI - A) V_m c|| / ||c|| >= sigma_min(zI - A),
 
 (``I~ = [I_m; 0]``), so every level set of the rectangular function lies *inside* the true
-eps-pseudospectrum of ``A``: the plot never shows non-normality that is not there. It is also
+eps-pseudospectrum of ``A``: the plot never shows non-normality that is not there (the same
+holds for a block decomposition ``A V_m = V_{m+s} H~``, ``(m+s) x m``). It is also
 ``>= sigma_min(zI - H_m)`` of the square part, i.e. the rectangular matrix is the tighter
 approximation (Wright & Trefethen, SIAM J. Sci. Comput. 23(2), 2001, Theorem 2.1).
 
@@ -37,7 +38,7 @@ class Pseudospectra:
         sigma_min: ``sigma_min(z I~ - H)`` at every point, float64 ``(ny, nx)``; the
             eps-pseudospectrum is ``{sigma_min < eps}``.
         eigenvalues: eigenvalues of the square part ``H[:m, :m]`` (the Ritz values).
-        rectangular: whether the ``(m+1) x m`` matrix was used (an inner bound of the
+        rectangular: whether the ``(m+s) x m`` matrix was used (an inner bound of the
             pseudospectra of ``A``) rather than the square one.
     """
 
@@ -53,15 +54,17 @@ def _hessenberg_of(obj) -> np.ndarray:
     H = getattr(obj, "hessenberg", obj)
     if H is None:
         raise ValueError(
-            "the result has hessenberg=None; run the solver with a Krylov method that keeps it"
+            "the result has hessenberg=None: it comes from a path that keeps no Krylov "
+            "decomposition of J (estimate's structured path); use estimate(..., "
+            "method='arnoldi') or kappa_gpu.solvers.eigs on the operator"
         )
     if isinstance(H, torch.Tensor):
         H = H.detach().cpu().numpy()
     H = np.asarray(H)
-    if H.ndim != 2 or H.shape[1] == 0 or H.shape[0] not in (H.shape[1], H.shape[1] + 1):
+    if H.ndim != 2 or H.shape[1] == 0 or H.shape[0] < H.shape[1]:
         raise ValueError(
-            "expected a square (m, m) or rectangular (m+1, m) Hessenberg matrix, got shape "
-            f"{H.shape}"
+            "expected a square (m, m) or rectangular (m+s, m) Hessenberg matrix (s >= 1: the "
+            f"block size of the Krylov run), got shape {tuple(H.shape)}"
         )
     if not np.all(np.isfinite(H)):
         raise ValueError("the Hessenberg matrix has non-finite entries (NaN or inf)")
@@ -83,12 +86,12 @@ def pseudospectra(result_or_hessenberg, grid=100, *, rectangular: bool = True) -
     Args:
         result_or_hessenberg: a numpy array / torch tensor, square ``(m, m)`` (e.g. the
             Krylov-Schur Rayleigh quotient, or any small matrix) or rectangular ``(m+1, m)``
-            (the Arnoldi ``H~``), or any object with a ``.hessenberg`` attribute holding one
-            (the solver's result).
+            (the Arnoldi ``H~``; ``(m+s, m)`` from a block run of block size ``s``), or any
+            object with a ``.hessenberg`` attribute holding one (the solver's result).
         grid: an int ``n`` (an ``n x n`` grid on a square box around the eigenvalues of the
             square part, with margin), a tuple ``(xs, ys)`` of 1-D arrays (real and imaginary
             parts), or a complex array of points (2-D ``(ny, nx)``; 1-D is taken as one row).
-        rectangular: for an ``(m+1) x m`` input, use it whole (default: the Wright-Trefethen
+        rectangular: for an ``(m+s) x m`` input, use it whole (default: the Wright-Trefethen
             inner bound of the pseudospectra of ``A``); ``False`` drops the last row and uses the
             square ``H_m``. Ignored for square input.
 
@@ -108,14 +111,15 @@ def pseudospectra(result_or_hessenberg, grid=100, *, rectangular: bool = True) -
 
     H = _hessenberg_of(result_or_hessenberg)
     m = H.shape[1]
-    is_rect = H.shape[0] == m + 1
+    is_rect = H.shape[0] > m
     Hs = H[:m, :m]
     R, U = scipy.linalg.schur(Hs.astype(np.complex128), output="complex")
     # numpy's eigvals of the (real) square part keeps conjugate pairs exactly conjugate
     eigenvalues = np.linalg.eigvals(Hs)
     if is_rect and rectangular:
-        # Same reduction on the rectangular matrix: [U^H 0; 0 1] (z I~ - H~) U
-        # = [zI - R; -h_{m+1,m} e_m^T U], unitary on both sides, so the same singular values.
+        # Same reduction on the rectangular matrix: [U^H 0; 0 I] (z I~ - H~) U
+        # = [zI - R; -B U] (B: the s residual rows), unitary on both sides, so the same
+        # singular values. A block run's (m+s) x m matrix is such a decomposition as well.
         M = np.vstack([R, H[m:, :].astype(np.complex128) @ U])
     else:
         M = R
