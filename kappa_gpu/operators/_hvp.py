@@ -597,7 +597,12 @@ class _HVPEngine:
                 self.fallback_reason = f"{type(err).__name__}: {err}"
                 self._log("%s HVP failed (%s); using %s", mode, self.fallback_reason, other)
                 self._graph = None  # not used by the fallback: free it
-                out = second(V)
+                try:
+                    out = second(V)
+                except _CutGraphError:
+                    raise
+                except Exception as err2:
+                    raise _no_hvp_error(mode, self.fallback_reason, other, err2) from err2
                 self.mode = other
             else:
                 self.mode = mode
@@ -751,6 +756,23 @@ class _HVPEngine:
         # view of rows (the solvers' certificate blocks) gets one back, anything else a
         # contiguous (n, s) tensor.
         return out.T if V.T.is_contiguous() and not V.is_contiguous() else out.T.contiguous()
+
+
+def _no_hvp_error(mode: str, reason: str, other: str, err2: Exception) -> Exception:
+    """Both HVP modes failed: one error naming both causes (the fallback's alone hid the first),
+    with the fix for the common case, fused attention kernels without second derivatives."""
+    both = f"{reason} {err2}"
+    hint = ""
+    if "scaled_dot_product" in both or "_efficient_attention" in both:
+        hint = (
+            "; the fused scaled_dot_product_attention kernels have no double backward / forward "
+            "AD here: run under the math kernel, `from torch.nn.attention import sdpa_kernel, "
+            "SDPBackend` and `with sdpa_kernel(SDPBackend.MATH): kg.estimate(...)`"
+        )
+    return UnsupportedConfigurationError(
+        f"no Hessian-vector product for this model and loss: {mode} failed ({reason}), and "
+        f"{other} failed ({type(err2).__name__}: {err2}){hint}"
+    )
 
 
 class _EngineAttributes:
