@@ -29,6 +29,7 @@ Cost figures: ``docs/estimate_cost.md``.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +57,16 @@ _METHODS = ("auto", "structured", "arnoldi")
 _MODES = ("sharp", "negative", "both")
 
 
-def _default_tol(dtype: torch.dtype) -> float:
-    return 1e-8 if dtype == torch.float64 else 1e-4
+def _default_tol(dtype: torch.dtype, model: torch.nn.Module | None = None) -> float:
+    """1e-8 when the Krylov vectors and every parameter are float64, 1e-4 when the coarsest of
+    them is float32, 1e-2 below (the products carry the parameters' rounding whatever the
+    Krylov dtype: float64 vectors over a float32 model cannot reach 1e-8)."""
+    dts = {dtype} | ({p.dtype for p in model.parameters() if p.is_floating_point()}
+                     if model is not None else set())
+    eps = max(float(torch.finfo(d).eps) for d in dts)
+    if eps <= float(torch.finfo(torch.float64).eps):
+        return 1e-8
+    return 1e-4 if eps <= float(torch.finfo(torch.float32).eps) else 1e-2
 
 
 def estimate(
@@ -102,13 +111,14 @@ def estimate(
         modes: ``"sharp"`` (largest curvatures, the ones that reach the exceptional point and
             the stability edge), ``"negative"`` (smallest curvatures; real z > 1) or ``"both"``.
         variant: ``"frozen"`` (default) or ``"full"`` for Adam/AdamW; ``"full"`` forces arnoldi.
-        tol: relative residual tolerance on J, the same for both methods (default 1e-8 in
-            float64, 1e-4 in float32): a mode is ``converged`` when ``||J x - z x|| <= tol *
-            max(|z|, eps**(2/3))`` for its unit eigenvectors in native coordinates (true
-            residuals; arnoldi also needs its Ritz estimate to pass, as the solver's). The
-            structured path runs Lanczos on S at the tighter tolerance this needs (the J
-            residual of a block eigenvector is its S residual times a closed-form factor,
-            about 3 for sharp heavy-ball modes at lr ~ 5).
+        tol: relative residual tolerance on J, the same for both methods (default 1e-8 when
+            the Krylov vectors and all parameters are float64, 1e-4 when the coarsest is
+            float32, 1e-2 for 16-bit parameters): a mode is ``converged`` when
+            ``||J x - z x|| <= tol * max(|z|, eps**(2/3))`` for its unit eigenvectors in native
+            coordinates (true residuals; arnoldi also needs its Ritz estimate to pass, as the
+            solver's). The structured path runs Lanczos on S at the tighter tolerance this
+            needs (the J residual of a block eigenvector is its S residual times a closed-form
+            factor, about 3 for sharp heavy-ball modes at lr ~ 5).
         warm_start: a previous report (or its ``warm_vectors``) to start the solver from; cuts
             the cost of estimates that follow each other closely in training.
         generator: the random start vector's generator (default: a private one seeded with
@@ -120,7 +130,8 @@ def estimate(
             memory at the largest scales (about 3 % more HVPs).
         seed: RNG seed of dropout inside the HVPs (same mask in every HVP) and of the start
             vector when no ``generator`` is given.
-        dtype: the dtype of the Krylov vectors (default: the parameters' dtype).
+        dtype: the dtype of the Krylov vectors (default: the parameters' dtype; pass
+            ``torch.float32`` for a bfloat16/float16 model).
         process_group: ``torch.distributed`` group whose ranks' gradients and HVPs are
             averaged (default: the group of a ``DistributedDataParallel`` model, else none).
             Under a group ``estimate`` is a collective: call it on every rank of the group with
@@ -155,12 +166,30 @@ def estimate(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if modes not in _MODES:
         raise ValueError(f"modes must be one of {_MODES}, got {modes!r}")
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    if tol is not None and not (isinstance(tol, numbers.Real) and math.isfinite(tol)
+                                and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0 (or None for the default), got "
+                         f"{tol!r}")
+    if ncv is not None and (isinstance(ncv, bool) or not isinstance(ncv, numbers.Integral)
+                            or ncv < k + 2):
+        raise ValueError(
+            f"ncv={ncv!r} is too small for k={k}: the structured path needs ncv > k, the "
+            f"arnoldi path, which computes 2 k eigenvalues of J, ncv > 2 k + 1; default: "
+            f"max(3 k, 20)"
+        )
 
     op = update_operator(model, optimizer, loss_fn, batch, variant=variant, seed=seed, dtype=dtype,
                          process_group=process_group, backend=backend, hvp=hvp)
-    tol = _default_tol(op.dtype) if tol is None else float(tol)
+    if op.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"estimate: the parameters are {op.dtype}; the Krylov vectors need float32 or "
+            "float64: pass dtype=torch.float32 (the products keep the model's precision; the "
+            "default tol is then 1e-2)"
+        )
+    tol = _default_tol(op.dtype, model) if tol is None else float(tol)
     if generator is None:
         # Never draw from the global RNG (the user's training run owns it): a private,
         # seeded generator makes the estimate reproducible on the same device.
@@ -217,6 +246,16 @@ def estimate(
             )
         out = _merge(parts)
         target = ", ".join(p["target"] for p in parts)
+        if frozen_structure is not None and not frozen_structure.uniform:
+            # Silent otherwise: "SR" can pick a group's bulk modes (z near its momentum, Re z
+            # below the sharp pairs' (1 + beta - a s) / 2) and report them as the sharp modes.
+            out["messages"] = [*out.get("messages", []), (
+                "block coefficients (momentum, dampening, nesterov or betas) differ between "
+                "parameter groups: J's eigenvalues name no single curvature, so the modes are "
+                "those of smallest Re z (largest for modes='negative'), not the sharpest "
+                "curvatures; they can be one group's bulk modes (z near its momentum). For "
+                "curvature-targeted modes give every group the same momentum / betas"
+            )]
 
     z = out["z"]
     cond = out["cond"]
@@ -267,9 +306,11 @@ def estimate(
             "coalesce, kappa_V is infinite"
         )
     if not np.all(converged):
+        fix = ("see above" if out.get("precision_limited")
+               else "raise ncv or maxiter, or loosen tol")
         msgs.append(
             f"{int(np.sum(~converged))} of {len(converged)} eigenvalues not converged to "
-            f"tol={tol:g}: raise ncv or maxiter, or loosen tol; their numbers are estimates"
+            f"tol={tol:g}: {fix}; their numbers are estimates"
         )
     return KappaReport(
         eigenvalues=z,
@@ -511,6 +552,24 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
         res = eigsh(S, k=m, which=which, v0=out["warm"], tol=tol_r, block_size=bs,
                     ncv=min(max(3 * m, 20), n), maxiter=maxiter, generator=generator)
         out = _structured_modes(op, st, sq, res, which, tol)
+    n_miss = int(np.sum(out["residuals"] > out["allowed"]))
+    if n_miss and res.converged_all:
+        # Lanczos converged and refining did not help: the products' rounding is the floor.
+        D = st.D[st.D > 0]
+        spread = float(D.max() / D.min()) if D.numel() else 1.0
+        out["precision_limited"] = True
+        worst = float(np.max(out["residuals"] / out["allowed"]))
+        params = getattr(getattr(op, "_engine", None), "params", None) or []
+        prec = min((p.dtype for p in params if p.is_floating_point()),
+                   key=lambda d: torch.finfo(d).bits, default=op.dtype)
+        out["messages"] = [*out["messages"], (
+            f"{n_miss} J residual(s) stay above tol (up to {worst:.3g}x) although Lanczos "
+            f"converged: the products' rounding ({prec}) is the floor here (the preconditioner "
+            f"D spans a factor {spread:.1e} over the reached entries, which amplifies it); "
+            f"tol={tol * worst * 1.5:.1g} would pass, or estimate a float64 copy of the model "
+            "and optimizer (dtype= sets only the Krylov vectors; more ncv or maxiter does not "
+            "help)"
+        )]
     return out
 
 
@@ -617,6 +676,11 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
         ncv = _eigs_ncv(kk, N, s_blk)
     if not kk + s_blk < ncv <= N:
         s_blk = 1
+    if not kk + 1 < ncv <= N:
+        raise ValueError(
+            f"ncv={ncv} does not fit the arnoldi path: it computes {kk} eigenvalues of J for "
+            f"k={k} modes, so it needs {kk + 1} < ncv <= {N} (default: max(3 * {kk}, 20))"
+        )
     if s_blk == 1:
         res = eigs(op, k=kk, which=which, v0=v0, tol=tol, ncv=ncv, maxiter=maxiter,
                    left=True, generator=generator)
@@ -725,6 +789,7 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out["warm"] = torch.cat([p["warm"] for p in parts], dim=1)
     out["C"] = scipy.linalg.block_diag(*(p["C"] for p in parts))
     out["messages"] = sum((p["messages"] for p in parts), [])
+    out["precision_limited"] = any(p.get("precision_limited") for p in parts)
     out["hessenberg"] = parts[0].get("hessenberg")
     return out
 

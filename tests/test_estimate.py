@@ -746,3 +746,128 @@ def test_plain_sgd_structured_and_arnoldi_agree_with_dense():
     np.testing.assert_allclose(np.sort(rs.eigenvalues.real), want, rtol=1e-8)
     np.testing.assert_allclose(np.sort(ra.eigenvalues.real), want, rtol=1e-8)
     assert ra.kappa_V == pytest.approx(rs.kappa_V, rel=1e-4)
+
+
+def test_per_group_momentum_says_the_modes_are_not_curvature_targeted():
+    """Different momentum per group: no curvature key exists and "SR" can pick a group's bulk
+    modes; the report says so. Different lr alone (absorbed in D) stays structured, silent."""
+    from _cases import sgd_case
+
+    model, opt, loss_fn, batch = sgd_case(two_groups=True, group2={"momentum": 0.5})
+    rep = estimate(model, opt, loss_fn, batch, k=2)
+    assert "arnoldi" in rep.method or "Krylov-Schur" in rep.target
+    assert "differ between parameter groups" in rep.message, rep.message
+    model, opt, loss_fn, batch = sgd_case(two_groups=True, group2={"lr": 0.05})
+    rep = estimate(model, opt, loss_fn, batch, k=2)
+    assert "differ between parameter groups" not in rep.message, rep.message
+
+
+def _tiny_sgd(dtype):
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    x, y = torch.randn(32, 6, dtype=dtype), torch.randint(0, 3, (32,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    return m, opt, F.cross_entropy, (x, y)
+
+
+def test_default_tol_follows_the_coarsest_precision():
+    """float64 Krylov vectors over a float32 model: the products carry float32 rounding, so
+    the default tol is float32's (1e-8 took 2255 HVPs and did not converge); a bfloat16 model
+    needs dtype=float32 (said at the door) and gets 1e-2."""
+    m, o, lf, b = _tiny_sgd(torch.float32)
+    rep = estimate(m, o, lf, b, k=2, dtype=torch.float64)
+    assert rep.tol == 1e-4 and rep.all_converged and rep.n_hvp < 100, (rep.tol, rep.n_hvp)
+    m, o, lf, b = _tiny_sgd(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"pass dtype=torch.float32"):
+        estimate(m, o, lf, b, k=2)
+    rep = estimate(m, o, lf, b, k=2, dtype=torch.float32)
+    assert rep.tol == 1e-2 and rep.all_converged, rep.message
+    m, o, lf, b = _tiny_sgd(torch.float64)
+    assert estimate(m, o, lf, b, k=2).tol == 1e-8
+
+
+def test_argument_errors_name_what_the_user_passed():
+    m, o, lf, b = _tiny_sgd(torch.float64)
+    with pytest.raises(ValueError, match=r"tol must be a finite number >= 0.*got -1"):
+        estimate(m, o, lf, b, k=2, tol=-1)
+    with pytest.raises(ValueError, match=r"ncv=3 is too small for k=4"):
+        estimate(m, o, lf, b, k=4, ncv=3)
+    with pytest.raises(ValueError, match=r"computes 8 eigenvalues of J for k=4 modes"):
+        estimate(m, o, lf, b, k=4, ncv=8, method="arnoldi")
+    rep = estimate(m, o, lf, b, k=np.int64(2))  # numpy integers are integers
+    assert rep.all_converged and len(rep.curvatures) == 2
+
+
+def test_fused_attention_error_names_both_modes_and_the_fix():
+    """nn.TransformerEncoderLayer on the CPU picks a fused attention kernel with neither double
+    backward nor forward AD: one error naming both causes and the math-kernel fix, which
+    then works (structured and arnoldi agree)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kappa_gpu.operators import UnsupportedConfigurationError
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Tiny().double()
+    x, y = torch.randn(4, 5, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    with pytest.raises(UnsupportedConfigurationError) as info:
+        estimate(model, opt, F.cross_entropy, (x, y), k=2)
+    msg = str(info.value)
+    assert "reverse-over-reverse failed" in msg and "forward-over-reverse failed" in msg
+    assert "sdpa_kernel(SDPBackend.MATH)" in msg
+    with sdpa_kernel(SDPBackend.MATH):
+        rs = estimate(model, opt, F.cross_entropy, (x, y), k=2)
+        ra = estimate(model, opt, F.cross_entropy, (x, y), k=2, method="arnoldi")
+    assert rs.all_converged and ra.all_converged, (rs.message, ra.message)
+    np.testing.assert_allclose(np.sort_complex(rs.eigenvalues), np.sort_complex(ra.eigenvalues),
+                               rtol=1e-6)
+
+
+def test_precision_floor_is_named_with_a_tol_that_passes():
+    """AdamW, a Linear feeding BatchNorm, float32: the bias gradient is ~1e-9, D spans 1e6, and
+    the J residuals sit at the products' rounding floor, 15-32x tol, with Lanczos converged.
+    The message says so (not "raise ncv or maxiter") and the tol it names converges."""
+    import re
+
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    X, y = torch.randn(128, 6), torch.randint(0, 3, (128,))
+    for _ in range(10):
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+    batch = (X[:64], y[:64])
+    rep = estimate(model, opt, F.cross_entropy, batch, k=4)
+    assert not rep.all_converged
+    assert "the floor here" in rep.message and "raise ncv" not in rep.message, rep.message
+    tol = float(re.search(r"tol=([0-9.e+-]+) would pass", rep.message).group(1))
+    assert 1e-4 < tol < 0.05
+    rep2 = estimate(model, opt, F.cross_entropy, batch, k=4, tol=tol)
+    assert rep2.all_converged, rep2.message
+    np.testing.assert_allclose(np.sort_complex(rep2.eigenvalues), np.sort_complex(rep.eigenvalues),
+                               rtol=1e-4)
