@@ -553,7 +553,19 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
                     ncv=min(max(3 * m, 20), n), maxiter=maxiter, generator=generator)
         out = _structured_modes(op, st, sq, res, which, tol)
     n_miss = int(np.sum(out["residuals"] > out["allowed"]))
-    if n_miss and res.converged_all:
+    asym = _asymmetry(res)
+    if n_miss and res.converged_all and asym > 1e-3:
+        # Not rounding: the Hessian products are not symmetric (second derivatives broken).
+        out["messages"] = [*out["messages"], (
+            f"{n_miss} J residual(s) stay above tol although Lanczos converged, and the "
+            f"Hessian products are not symmetric (W^T H W of the Ritz vectors is asymmetric by "
+            f"{asym:.2g}, relative): second derivatives are broken somewhere in the model or "
+            "the loss, typically a custom autograd.Function whose backward leaves autograd "
+            "(numpy, .detach()); the eigenvalues are not those of the true update. Check "
+            "kg.hessian_operator(...).to_dense() for symmetry on a small copy"
+        )]
+        out["precision_limited"] = True  # no ncv / maxiter advice either
+    elif n_miss and res.converged_all:
         # Lanczos converged and refining did not help: the products' rounding is the floor.
         D = st.D[st.D > 0]
         spread = float(D.max() / D.min()) if D.numel() else 1.0
@@ -571,6 +583,18 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
             "help)"
         )]
     return out
+
+
+def _asymmetry(res) -> float:
+    """``||G - G^T|| / ||G||`` for ``G = W^T (S W)`` from eigsh's Ritz vectors and certificate
+    products (0 when those are not kept): rounding-level for a symmetric ``S``."""
+    SW = res.images
+    if SW is None or SW.shape[1] < 1:
+        return 0.0
+    W = res.eigenvectors.real if res.eigenvectors.is_complex() else res.eigenvectors
+    G = (W.to(torch.float64).T @ SW.to(torch.float64)).cpu().numpy()
+    nrm = float(np.linalg.norm(G))
+    return float(np.linalg.norm(G - G.T)) / nrm if nrm > 0 else 0.0
 
 
 def _structured_modes(op, st, sq, res, which, tol) -> dict[str, Any]:

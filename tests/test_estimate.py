@@ -871,3 +871,45 @@ def test_precision_floor_is_named_with_a_tol_that_passes():
     assert rep2.all_converged, rep2.message
     np.testing.assert_allclose(np.sort_complex(rep2.eigenvalues), np.sort_complex(rep.eigenvalues),
                                rtol=1e-4)
+
+
+def test_a_backward_outside_autograd_is_named_not_blamed_on_rounding():
+    """A custom Function whose backward goes through numpy has no second derivatives, and no
+    autograd node says so: its Hessian products are wrong and not symmetric (not detectable in
+    the graph). The certificates miss by ~1000x; the message names broken second derivatives
+    from the asymmetry of W^T H W, not rounding, and gives no tol that would 'pass'."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class NpTanh(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = torch.tanh(x)
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return torch.from_numpy(g.detach().numpy() * (1 - y.detach().numpy() ** 2))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.b(NpTanh.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    model = M()
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    rep = estimate(model, opt, F.cross_entropy, (x, y), k=2)
+    assert not rep.all_converged
+    assert "Hessian products are not symmetric" in rep.message, rep.message
+    assert "would pass" not in rep.message and "raise ncv" not in rep.message, rep.message
