@@ -362,6 +362,30 @@ def _as_float(x: Any) -> float:
     return float(x)
 
 
+def _check_estimate_arguments(method: str, modes: str, kwargs: dict[str, Any]) -> None:
+    """What :func:`kappa_gpu.estimate` would reject, rejected when the monitor is built."""
+    import inspect
+
+    from kappa_gpu._estimate import _METHODS, _MODES, estimate
+
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if modes not in _MODES:
+        raise ValueError(f"modes must be one of {_MODES}, got {modes!r}")
+    known = set(inspect.signature(estimate).parameters) - {"model", "optimizer", "loss_fn",
+                                                           "batch"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(
+            f"unknown estimate argument(s) {unknown}; KappaMonitor passes its extra keyword "
+            f"arguments to kappa_gpu.estimate, which takes {sorted(known)}"
+        )
+    tol = kwargs.get("tol")
+    if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool)
+                                and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0 (or None), got {tol!r}")
+
+
 class KappaMonitor:
     """Runs :func:`kappa_gpu.estimate` every ``every`` optimizer steps of a training loop.
 
@@ -502,6 +526,11 @@ class KappaMonitor:
                 f"{sorted(reserved)} are set by the monitor; pass k/method/modes "
                 "as KappaMonitor arguments"
             )
+        if tensorboard is True and log_dir is None:
+            raise ValueError("tensorboard=True needs a log_dir (or pass a SummaryWriter)")
+        if estimator is None:
+            # Checked here, not at the first due estimate (an error record hundreds of steps in)
+            _check_estimate_arguments(method, modes, estimate_kwargs)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn

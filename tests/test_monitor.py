@@ -463,6 +463,20 @@ def test_argument_validation():
         KappaMonitor(model, opt, loss_fn, generator=None)
     with pytest.raises(TypeError, match="optimizer"):
         KappaMonitor(model, "sgd", loss_fn)
+    # what estimate would reject, rejected when the monitor is built (not as error records at
+    # the first due estimate); a custom estimator takes what it likes
+    with pytest.raises(ValueError, match="method must be one of"):
+        KappaMonitor(model, opt, loss_fn, method="lanczos")
+    with pytest.raises(ValueError, match="modes must be one of"):
+        KappaMonitor(model, opt, loss_fn, modes="all")
+    with pytest.raises(TypeError, match=r"unknown estimate argument\(s\) \['foo'\]"):
+        KappaMonitor(model, opt, loss_fn, foo=1)
+    with pytest.raises(ValueError, match="tol must be"):
+        KappaMonitor(model, opt, loss_fn, tol=-1)
+    with pytest.raises(ValueError, match="tensorboard=True needs a log_dir"):
+        KappaMonitor(model, opt, loss_fn, tensorboard=True)
+    KappaMonitor(model, opt, loss_fn, tol=1e-3, ncv=30, hvp="forward")  # accepted
+    KappaMonitor(model, opt, loss_fn, method="custom", foo=1, estimator=lambda *a, **k: None)
 
 
 def test_profiler_range_around_estimates():
