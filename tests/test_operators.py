@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -389,6 +390,27 @@ def test_stale_operator_raises():
     op = update_operator(model, opt, loss_fn, batch)
     model.eval()
     with pytest.raises(StaleOperatorError, match="eval"):
+        op.matvec(x)
+    model.train()
+    # a scheduler step changes lr without touching the parameters: J's coefficients are old
+    op = update_operator(model, opt, loss_fn, batch)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # adds initial_lr
+    op.matvec(x)  # a new key of the groups ('initial_lr') is not a coefficient
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": meant
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()
+    with pytest.raises(StaleOperatorError, match=r"hyper-parameters \['lr'\] changed"):
+        op.matvec(x)
+    with pytest.raises(StaleOperatorError, match="hyper-parameters"):
+        op.structure().hessian.matvec(x[: op.n_params])
+    # a tensor lr edited in place
+    model, opt, loss_fn, batch = sgd_case()
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float64)
+    op = update_operator(model, opt, loss_fn, batch)
+    op.matvec(x)
+    opt.param_groups[0]["lr"].mul_(0.5)
+    with pytest.raises(StaleOperatorError, match="lr"):
         op.matvec(x)
 
 

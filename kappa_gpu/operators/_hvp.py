@@ -280,6 +280,8 @@ class _HVPEngine:
         }
         self._mutable: set[str] = set()  # buffers a forward pass mutates: cloned per call
         self._modes = [(m, m.training) for m in model.modules()]
+        #: more staleness checks, run by check_fresh (the update operator's hyper-parameters)
+        self.fresh_checks: list[Callable[[], None]] = []
         self._versions = [p._version for p in params]
 
         self.n_hvp = 0
@@ -376,6 +378,8 @@ class _HVPEngine:
                     f"{'train' if m.training else 'eval'} mode since the operator was built; "
                     "switch it back or build a new operator"
                 )
+        for check in self.fresh_checks:
+            check()
 
     def _log(self, msg: str, *args: Any) -> None:
         """Log at INFO on the ``kappa_gpu`` logger (on the group's first rank only)."""

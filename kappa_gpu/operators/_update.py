@@ -63,6 +63,7 @@ from kappa_gpu.operators._hvp import HessianOperator, _EngineAttributes, _HVPEng
 from kappa_gpu.operators._validate import (
     MissingOptimizerStateError,
     NoTrainableParametersError,
+    StaleOperatorError,
     UnsupportedConfigurationError,
     check_optimizer_type,
     scalar,
@@ -194,6 +195,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         super().__init__((len(blocks) * n, len(blocks) * n), engine.dtype, engine.device)
         self._engine = engine
         self._optimizer = optimizer
+        self._hyper = _hyperparameters(optimizer)
+        engine.fresh_checks.append(self._check_hyperparameters)
         self.n_params = n
         self.blocks = blocks
         self.kind = kind
@@ -212,6 +215,17 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         if chosen == "cupy":
             self._fuse(requested)
             self.backend = "cupy"
+
+    def _check_hyperparameters(self) -> None:
+        now = _hyperparameters(self._optimizer)
+        if now != self._hyper:
+            changed = sorted({k for a, b in zip(now, self._hyper, strict=False)
+                              for k in set(a) | set(b) if a.get(k) != b.get(k)})
+            raise StaleOperatorError(
+                f"the optimizer's hyper-parameters {changed or '(param groups)'} changed since "
+                "the operator was built (a scheduler step or an edit): J's coefficients are the "
+                "old ones; build a new operator"
+            )
 
     def __repr__(self) -> str:
         m = self.shape[0]
@@ -398,6 +412,25 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
             logger.debug("update operator (%s): torch path: %s", self.kind, self.backend_reason)
 
 
+#: the param-group entries J's coefficients are built from
+_HYPER_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "betas",
+               "eps", "amsgrad", "decoupled_weight_decay")
+
+
+def _hyper_value(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):  # no device sync: identity and in-place version
+        return ("tensor", id(v), v._version)
+    if isinstance(v, tuple):
+        return tuple(_hyper_value(x) for x in v)
+    return v
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The hyper-parameters of each param group that J depends on (staleness check)."""
+    return [{k: _hyper_value(g[k]) for k in _HYPER_KEYS if k in g}
+            for g in optimizer.param_groups]
+
+
 # -- building -------------------------------------------------------------------------------
 class _PerEntry:
     """Collects per-parameter coefficients and expands them to ``(n,)`` (or a float if uniform)."""
@@ -487,7 +520,8 @@ def update_operator(
         - BatchNorm/InstanceNorm in train mode use the batch statistics (as the step does)
           and never update their running statistics; in eval mode they read them;
         - the model (parameters, ``.grad``, buffers, modes) and the optimizer state are never
-          written; after an optimizer step or a train/eval switch the operator raises
+          written; after an optimizer step, a train/eval switch or a change of the param
+          groups' hyper-parameters (a scheduler step) the operator raises
           :class:`StaleOperatorError`;
         - a parameter the loss does not reach (autograd gradient None) is skipped by
           ``optimizer.step()`` after ``zero_grad()``, so its rows of J are the identity (0 for
