@@ -246,7 +246,9 @@ def aslinearoperator(
 
     Args:
         A: a 2-D torch tensor or numpy array (kept as is, on its device), an existing
-            operator (returned unchanged), or a callable ``x -> A @ x``.
+            operator (returned unchanged), a ``scipy.sparse.linalg.LinearOperator`` or SciPy
+            sparse matrix (products through numpy on the host, float32/float64), or a
+            callable ``x -> A @ x``.
         shape, dtype, device: required with a callable (``dtype`` defaults to float64,
             ``device`` to cpu); ignored otherwise.
         rmatvec, matmat, rmatmat: optional adjoint and batched products for a callable.
@@ -259,6 +261,8 @@ def aslinearoperator(
     """
     if isinstance(A, LinearOperator):
         return A
+    if type(A).__module__.startswith("scipy."):
+        return _from_scipy(A)
     if isinstance(A, np.ndarray):
         A = torch.from_numpy(A)
     if isinstance(A, torch.Tensor):
@@ -283,3 +287,28 @@ def aslinearoperator(
         f"cannot make a LinearOperator from {type(A).__name__}; pass a 2-D tensor, an array, "
         "or a callable with shape="
     )
+
+
+def _from_scipy(A) -> LinearOperator:
+    """A SciPy ``LinearOperator`` or sparse matrix as a host (cpu) operator (the inverse of
+    :meth:`LinearOperator.to_scipy`)."""
+    import scipy.sparse.linalg as spla
+
+    try:
+        S = spla.aslinearoperator(A)
+    except TypeError as e:
+        raise TypeError(f"cannot make a LinearOperator from {type(A).__name__}: {e}") from None
+    if S.dtype is None or np.dtype(S.dtype).kind != "f":
+        raise TypeError(f"kappa_gpu operators are real float32/float64; got dtype {S.dtype}")
+    dtype = torch.float32 if np.dtype(S.dtype) == np.float32 else torch.float64
+
+    def host(fn):
+        def f(x: torch.Tensor) -> torch.Tensor:
+            y = np.asarray(fn(x.detach().cpu().numpy()))
+            return torch.from_numpy(np.ascontiguousarray(y)).to(dtype=x.dtype, device=x.device)
+
+        return f
+
+    return _CallableOperator(tuple(S.shape), dtype, "cpu", host(S.matvec),
+                             rmatvec=host(S.rmatvec), matmat=host(S.matmat),
+                             rmatmat=host(S.rmatmat))

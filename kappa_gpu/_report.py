@@ -137,6 +137,19 @@ class KappaReport:
         out["nearest_ep_ratio"] = _jsonable(self.nearest_ep_ratio)
         return out
 
+    def __repr__(self) -> str:
+        """One line (the dataclass repr printed every array: ~8k characters at k = 4);
+        :meth:`summary` for a few lines, :meth:`to_dict` for everything."""
+        conv = int(np.sum(self.converged))
+        return (
+            f"KappaReport(method={self.method!r}, optimizer={self.optimizer!r}, "
+            f"modes={self.modes!r}, k={len(self.curvatures)}, kappa_V={self.kappa_V:.4g}, "
+            f"rho={self.spectral_radius:.6g}, nearest_ep_ratio={self.nearest_ep_ratio:+.3g}, "
+            f"transient_growth={self.transient_growth:.4g}, "
+            f"converged={conv}/{len(self.converged)}, n_hvp={self.n_hvp}, "
+            f"seconds={self.seconds:.3g})"
+        )
+
     def summary(self) -> str:
         """A few lines for a terminal."""
         conv = "all converged" if self.all_converged else "NOT all converged"

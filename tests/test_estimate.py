@@ -913,3 +913,11 @@ def test_a_backward_outside_autograd_is_named_not_blamed_on_rounding():
     assert not rep.all_converged
     assert "Hessian products are not symmetric" in rep.message, rep.message
     assert "would pass" not in rep.message and "raise ncv" not in rep.message, rep.message
+
+
+def test_report_repr_is_one_line():
+    m, o, lf, b = _tiny_sgd(torch.float64)
+    rep = estimate(m, o, lf, b, k=2)
+    r = repr(rep)
+    assert r.startswith("KappaReport(method=") and "\n" not in r and len(r) < 400, r
+    assert f"kappa_V={rep.kappa_V:.4g}" in r and "n_hvp=" in r

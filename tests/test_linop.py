@@ -60,3 +60,33 @@ def test_bad_inputs_have_clear_messages():
     B = kg.aslinearoperator(lambda v: v, shape=(3, 3))
     with pytest.raises(NotImplementedError, match="adjoint"):
         B.rmatvec(torch.zeros(3, dtype=torch.float64))
+
+
+def test_scipy_operators_and_sparse_matrices_are_accepted():
+    """A scipy LinearOperator (it is callable: it used to hit 'callable needs shape=') or a
+    sparse matrix wraps as a host operator; eigs agrees with ARPACK, the adjoint with A^T."""
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as spla
+
+    from kappa_gpu.solvers import eigs
+
+    rng = np.random.default_rng(0)
+    M = sp.random(200, 200, density=0.05, random_state=1, format="csr") + sp.diags(
+        np.linspace(1.0, 3.0, 200))
+    for obj in (spla.aslinearoperator(M), M):
+        A = kg.aslinearoperator(obj)
+        assert A.shape == (200, 200) and A.dtype == torch.float64
+        x = torch.from_numpy(rng.standard_normal(200))
+        np.testing.assert_allclose(A.matvec(x).numpy(), M @ x.numpy(), rtol=1e-13)
+        np.testing.assert_allclose(A.rmatvec(x).numpy(), M.T @ x.numpy(), rtol=1e-13)
+        X = torch.from_numpy(rng.standard_normal((200, 3)))
+        np.testing.assert_allclose(A.matmat(X).numpy(), M @ X.numpy(), rtol=1e-13)
+        r = eigs(obj, k=4, generator=torch.Generator().manual_seed(0))
+        ref = spla.eigs(M, k=4, which="LM", return_eigenvectors=False)
+        assert r.converged_all
+        np.testing.assert_allclose(np.sort_complex(r.eigenvalues.numpy()), np.sort_complex(ref),
+                                   rtol=1e-8)
+    f32 = spla.aslinearoperator(M.astype(np.float32))
+    assert kg.aslinearoperator(f32).dtype == torch.float32
+    with pytest.raises(TypeError, match="real float32/float64"):
+        kg.aslinearoperator(spla.aslinearoperator(M.astype(np.complex128)))
