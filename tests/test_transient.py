@@ -210,3 +210,12 @@ def test_orthonormal_basis_from_conjugate_eigenvectors():
     assert Qt.dtype == torch.float32 and Qt.shape == (20, 3)
     with pytest.raises(ValueError, match="same shape"):
         projected_operator(torch.zeros(5, 2), torch.zeros(5, 3))
+
+
+def test_an_operator_is_refused_with_what_to_pass():
+    import kappa_gpu as kg
+
+    op = kg.aslinearoperator(torch.eye(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"small dense matrix, got a 3x3 LinearOperator.*to_dense"):
+        transient_growth(op)
+    assert transient_growth(op.to_dense()).max_growth == pytest.approx(1.0)

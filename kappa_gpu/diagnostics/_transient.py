@@ -42,6 +42,15 @@ _SVD_BATCH_BYTES = 64 * 2**20
 
 
 def _to_numpy_matrix(T, name: str = "T") -> np.ndarray:
+    from kappa_gpu._linop import LinearOperator
+
+    if isinstance(T, LinearOperator):
+        raise TypeError(
+            f"{name} must be a small dense matrix, got a {T.shape[0]}x{T.shape[1]} "
+            "LinearOperator: pass T.to_dense() for a small operator, or use kg.estimate(...) "
+            "for a model's update (its report carries the transient growth on the computed "
+            "modes)"
+        )
     if isinstance(T, torch.Tensor):
         T = T.detach().cpu().numpy()
     A = np.asarray(T)
