@@ -300,6 +300,13 @@ def estimate(
     residuals = out["residuals"]
     converged = out["converged"]
     msgs = [m for m in out["messages"] if m]
+    n_modes = len(out["s"])
+    if n_modes < k * len(sides):
+        msgs.append(
+            f"k={k} modes per side asked, {n_modes} computed: a Krylov solver finds at most "
+            f"n - 2 of the n = {op.n_params} parameters' modes; for a model this small the "
+            "dense eigendecomposition of update_operator(...).to_dense() is exact and faster"
+        )
     if np.any(at_ep):
         msgs.append(
             f"mode(s) {np.flatnonzero(at_ep).tolist()} at an exceptional point: eigenvectors "

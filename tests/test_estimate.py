@@ -921,3 +921,21 @@ def test_report_repr_is_one_line():
     r = repr(rep)
     assert r.startswith("KappaReport(method=") and "\n" not in r and len(r) < 400, r
     assert f"kappa_V={rep.kappa_V:.4g}" in r and "n_hvp=" in r
+
+
+def test_k_beyond_the_model_says_what_was_computed():
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()  # 26 params
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    rep = estimate(model, opt, F.cross_entropy, (x, y), k=40)
+    assert len(rep.curvatures) == 24
+    assert "k=40 modes per side asked, 24 computed" in rep.message, rep.message
+    assert "k=" not in estimate(model, opt, F.cross_entropy, (x, y), k=3).message
