@@ -258,6 +258,15 @@ def _trlan(
         )
     if basis.n_breakdowns:
         status += f"; {basis.n_breakdowns} invariant subspace(s) found (random restart)"
+    Hm = H[:m, :m]
+    asym = float(np.linalg.norm(Hm - Hm.T)) / max(float(np.linalg.norm(Hm)), 1e-300)
+    if asym > 1e-4:
+        # A symmetric operator's projections agree to rounding; eigsh sees only the symmetric
+        # part, so a non-symmetric operator converges slowly or not at all, to wrong values.
+        status += (
+            f"; the operator does not look symmetric (||H - H^T|| / ||H|| = {asym:.2g} for its "
+            "projection on the Krylov basis): eigsh sees only its symmetric part; use eigs"
+        )
     if n_over:
         status += (
             f"; {n_over} pair(s) passed the Ritz-estimate test but their true residuals exceed "
