@@ -57,6 +57,23 @@ _METHODS = ("auto", "structured", "arnoldi")
 _MODES = ("sharp", "negative", "both")
 
 
+def check_tol(tol: Any) -> float | None:
+    """``tol`` as a float: ``None`` (the default) or a finite number >= 0 (numpy and 0-d torch
+    scalars too; not a bool)."""
+    if tol is None:
+        return None
+    try:
+        if isinstance(tol, (bool, np.bool_)):
+            raise TypeError
+        value = float(tol)
+    except (TypeError, ValueError, RuntimeError):
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"tol must be a finite number >= 0 (or None for the default), got "
+                         f"{tol!r}")
+    return value
+
+
 def _default_tol(dtype: torch.dtype, model: torch.nn.Module | None = None) -> float:
     """1e-8 when the Krylov vectors and every parameter are float64, 1e-4 when the coarsest of
     them is float32, 1e-2 below (the products carry the parameters' rounding whatever the
@@ -169,12 +186,9 @@ def estimate(
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     k = int(k)
-    if tol is not None and not (isinstance(tol, numbers.Real) and math.isfinite(tol)
-                                and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0 (or None for the default), got "
-                         f"{tol!r}")
+    tol = check_tol(tol)
     if ncv is not None and (isinstance(ncv, bool) or not isinstance(ncv, numbers.Integral)
-                            or ncv < k + 2):
+                            or ncv <= k):
         raise ValueError(
             f"ncv={ncv!r} is too small for k={k}: the structured path needs ncv > k, the "
             f"arnoldi path, which computes 2 k eigenvalues of J, ncv > 2 k + 1; default: "
@@ -249,12 +263,13 @@ def estimate(
         if frozen_structure is not None and not frozen_structure.uniform:
             # Silent otherwise: "SR" can pick a group's bulk modes (z near its momentum, Re z
             # below the sharp pairs' (1 + beta - a s) / 2) and report them as the sharp modes.
+            which_differ = _nonuniform_hyperparameters(frozen_structure)
             out["messages"] = [*out.get("messages", []), (
-                "block coefficients (momentum, dampening, nesterov or betas) differ between "
-                "parameter groups: J's eigenvalues name no single curvature, so the modes are "
-                "those of smallest Re z (largest for modes='negative'), not the sharpest "
-                "curvatures; they can be one group's bulk modes (z near its momentum). For "
-                "curvature-targeted modes give every group the same momentum / betas"
+                f"block coefficients differ between parameter groups ({which_differ}): J's "
+                "eigenvalues name no single curvature, so the modes are those of smallest Re z "
+                "(largest for modes='negative'), not the sharpest curvatures; they can be one "
+                "group's bulk modes (z near its momentum). For curvature-targeted modes make "
+                f"those the same in every group"
             )]
 
     z = out["z"]
@@ -300,11 +315,10 @@ def estimate(
     residuals = out["residuals"]
     converged = out["converged"]
     msgs = [m for m in out["messages"] if m]
-    n_modes = len(out["s"])
-    if n_modes < k * len(sides):
+    if k > op.n_params - 2:  # the solvers' cap (structured: n - 2 modes; arnoldi: N - 2 values)
         msgs.append(
-            f"k={k} modes per side asked, {n_modes} computed: a Krylov solver finds at most "
-            f"n - 2 of the n = {op.n_params} parameters' modes; for a model this small the "
+            f"k={k} modes per side asked, {len(out['s'])} computed: a Krylov solver finds at "
+            f"most n - 2 of the n = {op.n_params} parameters' modes; for a model this small the "
             "dense eigendecomposition of update_operator(...).to_dense() is exact and faster"
         )
     if np.any(at_ep):
@@ -313,8 +327,8 @@ def estimate(
             "coalesce, kappa_V is infinite"
         )
     if not np.all(converged):
-        fix = ("see above" if out.get("precision_limited")
-               else "raise ncv or maxiter, or loosen tol")
+        fix = ("not a matter of ncv or maxiter (the cause is named above)"
+               if out.get("precision_limited") else "raise ncv or maxiter, or loosen tol")
         msgs.append(
             f"{int(np.sum(~converged))} of {len(converged)} eigenvalues not converged to "
             f"tol={tol:g}: {fix}; their numbers are estimates"
@@ -593,6 +607,32 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
     return out
 
 
+#: which hyper-parameters set each block coefficient (DESIGN.md section 3)
+_COEFFICIENT_SOURCES = {
+    "beta": "momentum / beta1",
+    "b": "momentum / beta1",
+    "a": "dampening, nesterov or beta1",
+    "a2": "dampening or beta1",
+    "c": "lr * weight_decay (AdamW's decoupled decay: c = 1 - lr * weight_decay)",
+}
+
+
+def _nonuniform_hyperparameters(st) -> str:
+    """The hyper-parameters behind the block coefficients that vary over the active entries."""
+    mask = st.active if st.active is not None else None
+    names = []
+    for key in ("beta", "b", "a", "a2", "c"):
+        v = getattr(st, key)
+        if not torch.is_tensor(v) or v.ndim == 0:
+            continue
+        v = v[mask] if mask is not None else v
+        if v.numel() and bool(v.max() != v.min()):
+            src = _COEFFICIENT_SOURCES[key]
+            if src not in names:
+                names.append(src)
+    return "; ".join(names) if names else "momentum, dampening, nesterov, betas or weight decay"
+
+
 def _asymmetry(res) -> float:
     """``||G - G^T|| / ||G||`` for ``G = W^T (S W)`` from eigsh's Ritz vectors and certificate
     products (0 when those are not kept): rounding-level for a symmetric ``S``."""
@@ -665,6 +705,13 @@ def _structured_modes(op, st, sq, res, which, tol) -> dict[str, Any]:
 def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
                   warm_here=False) -> dict[str, Any]:
     N = op.shape[0]
+    # Two eigenvalues per mode (a 2x2 block), one for plain SGD (order 1).
+    kk = min((1 if st is not None and st.order == 1 else 2) * k, N - 2)
+    if ncv is not None and not kk + 1 < ncv <= N:  # before any HVP is spent
+        raise ValueError(
+            f"ncv={ncv} does not fit the arnoldi path: it computes {kk} eigenvalues of J for "
+            f"k={k} modes, so it needs {kk + 1} < ncv <= {N} (default: max(3 * {kk}, 20))"
+        )
     coeffs = _coeffs(st)
     if coeffs is not None:
         # Rank Ritz values by the curvature they stand for (both roots of a mode alike).
@@ -704,17 +751,10 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
             # modes, restarts (bench/bench_estimate.py). Not for Adam's full variant, whose
             # modes leave the frozen subspace: there a block run searches, and searches slowly.
             s_blk = W.shape[1]
-    # Two eigenvalues per mode (a 2x2 block), one for plain SGD (order 1).
-    kk = min((1 if st is not None and st.order == 1 else 2) * k, N - 2)
     if ncv is None:
         ncv = _eigs_ncv(kk, N, s_blk)
     if not kk + s_blk < ncv <= N:
         s_blk = 1
-    if not kk + 1 < ncv <= N:
-        raise ValueError(
-            f"ncv={ncv} does not fit the arnoldi path: it computes {kk} eigenvalues of J for "
-            f"k={k} modes, so it needs {kk + 1} < ncv <= {N} (default: max(3 * {kk}, 20))"
-        )
     if s_blk == 1:
         res = eigs(op, k=kk, which=which, v0=v0, tol=tol, ncv=ncv, maxiter=maxiter,
                    left=True, generator=generator)

@@ -309,6 +309,25 @@ def _from_scipy(A) -> LinearOperator:
 
         return f
 
+    # A scipy operator built from a matvec alone has no adjoint: pass none, so that
+    # eigs(left=True) refuses it before spending matvecs (as for a callable without rmatvec)
+    adjoint = _scipy_has_adjoint(S)
     return _CallableOperator(tuple(S.shape), dtype, "cpu", host(S.matvec),
-                             rmatvec=host(S.rmatvec), matmat=host(S.matmat),
-                             rmatmat=host(S.rmatmat))
+                             rmatvec=host(S.rmatvec) if adjoint else None, matmat=host(S.matmat),
+                             rmatmat=host(S.rmatmat) if adjoint else None)
+
+
+def _scipy_has_adjoint(S) -> bool:
+    """Whether a SciPy LinearOperator defines its adjoint (a matrix-backed one always does;
+    ``LinearOperator(matvec=...)`` only with ``rmatvec=`` or ``rmatmat=``)."""
+    import scipy.sparse.linalg as spla
+
+    if type(S)._rmatvec is not spla.LinearOperator._rmatvec or type(S)._adjoint is not (
+        spla.LinearOperator._adjoint
+    ):
+        custom = type(S).__name__ == "_CustomLinearOperator"
+        if not custom:
+            return True
+        return (getattr(S, "_CustomLinearOperator__rmatvec_impl", None) is not None
+                or getattr(S, "_CustomLinearOperator__rmatmat_impl", None) is not None)
+    return False

@@ -366,7 +366,7 @@ def _check_estimate_arguments(method: str, modes: str, kwargs: dict[str, Any]) -
     """What :func:`kappa_gpu.estimate` would reject, rejected when the monitor is built."""
     import inspect
 
-    from kappa_gpu._estimate import _METHODS, _MODES, estimate
+    from kappa_gpu._estimate import _METHODS, _MODES, check_tol, estimate
 
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -380,10 +380,7 @@ def _check_estimate_arguments(method: str, modes: str, kwargs: dict[str, Any]) -
             f"unknown estimate argument(s) {unknown}; KappaMonitor passes its extra keyword "
             f"arguments to kappa_gpu.estimate, which takes {sorted(known)}"
         )
-    tol = kwargs.get("tol")
-    if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool)
-                                and math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0 (or None), got {tol!r}")
+    check_tol(kwargs.get("tol"))
 
 
 class KappaMonitor:

@@ -756,7 +756,19 @@ def test_per_group_momentum_says_the_modes_are_not_curvature_targeted():
     model, opt, loss_fn, batch = sgd_case(two_groups=True, group2={"momentum": 0.5})
     rep = estimate(model, opt, loss_fn, batch, k=2)
     assert "arnoldi" in rep.method or "Krylov-Schur" in rep.target
-    assert "differ between parameter groups" in rep.message, rep.message
+    assert "differ between parameter groups (momentum / beta1" in rep.message, rep.message
+    # AdamW: the same betas, lr differing with weight decay on: c = 1 - lr wd differs
+    model, _, loss_fn, batch = sgd_case()
+    first = list(model[0].parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    opt = torch.optim.AdamW([{"params": first, "lr": 1e-2}, {"params": rest, "lr": 1e-3}],
+                            weight_decay=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        opt.step()
+    rep = estimate(model, opt, loss_fn, batch, k=2)
+    assert "(lr * weight_decay" in rep.message and "beta1" not in rep.message, rep.message
     model, opt, loss_fn, batch = sgd_case(two_groups=True, group2={"lr": 0.05})
     rep = estimate(model, opt, loss_fn, batch, k=2)
     assert "differ between parameter groups" not in rep.message, rep.message
@@ -803,6 +815,12 @@ def test_argument_errors_name_what_the_user_passed():
         estimate(m, o, lf, b, k=4, ncv=8, method="arnoldi")
     rep = estimate(m, o, lf, b, k=np.int64(2))  # numpy integers are integers
     assert rep.all_converged and len(rep.curvatures) == 2
+    with pytest.raises(ValueError, match="tol must be"):
+        estimate(m, o, lf, b, k=2, tol=True)
+    for tol in (np.float32(1e-6), torch.tensor(1e-6), 1e-6):
+        assert estimate(m, o, lf, b, k=2, tol=tol).tol == pytest.approx(1e-6)
+    rep = estimate(m, o, lf, b, k=3, ncv=4)  # the structured path needs only ncv > k
+    assert rep.all_converged, rep.message
 
 
 def test_fused_attention_error_names_both_modes_and_the_fix():

@@ -86,6 +86,13 @@ def test_scipy_operators_and_sparse_matrices_are_accepted():
         assert r.converged_all
         np.testing.assert_allclose(np.sort_complex(r.eigenvalues.numpy()), np.sort_complex(ref),
                                    rtol=1e-8)
+    # built from a matvec alone: no adjoint, so eigs(left=True) refuses it before any matvec
+    calls = []
+    bare = spla.LinearOperator((200, 200), matvec=lambda v: calls.append(1) or M @ v,
+                               dtype=np.float64)
+    with pytest.raises(NotImplementedError, match="needs the adjoint"):
+        eigs(bare, k=3, left=True)
+    assert calls == []
     f32 = spla.aslinearoperator(M.astype(np.float32))
     assert kg.aslinearoperator(f32).dtype == torch.float32
     with pytest.raises(TypeError, match="real float32/float64"):

@@ -476,6 +476,7 @@ def test_argument_validation():
     with pytest.raises(ValueError, match="tensorboard=True needs a log_dir"):
         KappaMonitor(model, opt, loss_fn, tensorboard=True)
     KappaMonitor(model, opt, loss_fn, tol=1e-3, ncv=30, hvp="forward")  # accepted
+    KappaMonitor(model, opt, loss_fn, tol=np.float32(1e-5))  # as estimate accepts it
     KappaMonitor(model, opt, loss_fn, method="custom", foo=1, estimator=lambda *a, **k: None)
 
 

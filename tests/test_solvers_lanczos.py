@@ -202,3 +202,7 @@ def test_a_non_symmetric_operator_is_named_in_the_status():
     for S in (A + A.T, (A + A.T).float()):
         r = eigsh(S, k=3, generator=torch.Generator().manual_seed(0))
         assert r.converged_all and "symmetric" not in r.status, r.status
+    # selective reorthogonalization's H is not a symmetric projection: no hint from it
+    D = torch.diag(torch.arange(1.0, 301.0, dtype=torch.float64))
+    r = eigsh(D, k=4, reorth="selective", generator=torch.Generator().manual_seed(0))
+    assert "symmetric" not in r.status, r.status

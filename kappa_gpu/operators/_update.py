@@ -223,8 +223,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
                               for k in set(a) | set(b) if a.get(k) != b.get(k)})
             raise StaleOperatorError(
                 f"the optimizer's hyper-parameters {changed or '(param groups)'} changed since "
-                "the operator was built (a scheduler step or an edit): J's coefficients are the "
-                "old ones; build a new operator"
+                "the operator was built (a scheduler step or an edit): J's coefficients, and "
+                "the structure built with them, are the old ones; build a new operator"
             )
 
     def __repr__(self) -> str:

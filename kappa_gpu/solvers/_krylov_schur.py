@@ -76,6 +76,8 @@ class _Run:
     residuals: np.ndarray | None  # (k',) their true residuals
     n_certify: int  # matvecs the certificates took
     allowed: np.ndarray  # (k',) what a true residual may be (the user's tol, or rounding)
+    kept_first: bool = False  # the first certificate's pairs (a continuation did not improve)
+    stopped_by_continuation: bool = False  # ended by the continuation's restart limit
 
 
 def _ks_run(
@@ -132,16 +134,35 @@ def _ks_run(
         res, n = true_residuals(A, X, sr.theta[wanted], partner)
         return X, res, n
 
+    def outcome(m: int, sr, wanted, S, est, conv, certified) -> _Run:
+        H = basis.H
+        # Output order: most wanted first, conjugate partners adjacent (+ first).
+        pos = list(wanted)
+        partner = np.array([pos.index(sr.partner[q]) if sr.partner[q] >= 0 else -1 for q in pos])
+        return _Run(
+            theta=sr.theta[wanted], coeffs=S, partner=partner, estimates=est, converged=conv,
+            basis=basis, m=m, hessenberg=H[: m + s, :m].copy(), nconv=int(conv.sum()),
+            X=certified[0], residuals=certified[1], n_certify=0,
+            allowed=certifiable(sr.theta[wanted], H[:m, :m]),
+        )
+
     limit = maxiter  # lowered by a tightened continuation
     certified = None
+    first: _Run | None = None  # the outcome at the first certificate, if the run went on
     n_cert = 0
     while True:
-        m, (sr, order, wanted, S, est, conv) = expand_cycle(basis, ncv, s, k, analyze, quick)
+        m, (sr, order, wanted, S, est, conv) = expand_cycle(
+            basis, ncv, s, k, analyze, quick,
+            # the left run is certified by the caller, against the right eigenvalues, and
+            # without a continuation: it keeps the end-of-cycle test (more refined vectors)
+            after_restart=certified_run,
+        )
         nev, nconv = len(wanted), int(conv.sum())
         if nconv >= nev and tight == 1.0 and certified_run:
             # Certify while the run can still go on (as eigsh): a pair whose Ritz estimate
             # passed just below tol can miss it by its true residual; such a run continues
-            # once with a test that leaves room for the products' rounding.
+            # once with a test that leaves room for the products' rounding, and the better
+            # of the two certified outcomes is returned.
             certified = certify(m, sr, wanted, S)
             n_cert += certified[2]
             z_w, res_w = sr.theta[wanted], certified[1]
@@ -149,6 +170,7 @@ def _ks_run(
             miss = res_w > lim
             worst = float(np.max(res_w / lim))
             if miss.any() and worst <= _RETRY_MISS and basis.n_restarts < limit:
+                first = outcome(m, sr, wanted, S, est, conv, certified)
                 tight = 0.5 / worst
                 limit = min(maxiter, basis.n_restarts + _RETRY_RESTARTS)
                 conv = est <= allowed(z_w, basis.H[:m, :m], tight)
@@ -157,6 +179,8 @@ def _ks_run(
                     certified = None
                     if m < ncv:
                         continue  # expand_cycle resumes from m
+                else:
+                    first = None  # converged under the tightened test as it is
         if nconv >= nev or basis.n_restarts >= limit:
             break
         # Kept count as ARPACK (dnaup2); cap leaves room for one block, closure may add one.
@@ -172,28 +196,22 @@ def _ks_run(
     if certified is None:
         certified = certify(m, sr, wanted, S) if certified_run else (None, None, 0)
         n_cert += certified[2]
-    H = basis.H
     if tight != 1.0:  # the flags at the user's tol
-        conv = est <= allowed(sr.theta[wanted], H[:m, :m])
-        nconv = int(conv.sum())
-    # Output order: most wanted first, conjugate partners adjacent (+ first).
-    pos = list(wanted)
-    partner = np.array([pos.index(sr.partner[q]) if sr.partner[q] >= 0 else -1 for q in pos])
-    return _Run(
-        theta=sr.theta[wanted],
-        coeffs=S,
-        partner=partner,
-        estimates=est,
-        converged=conv,
-        basis=basis,
-        m=m,
-        hessenberg=H[: m + s, :m].copy(),
-        nconv=nconv,
-        X=certified[0],
-        residuals=certified[1],
-        n_certify=n_cert,
-        allowed=certifiable(sr.theta[wanted], H[:m, :m]),
-    )
+        conv = est <= allowed(sr.theta[wanted], basis.H[:m, :m])
+    run = outcome(m, sr, wanted, S, est, conv, certified)
+    run.kept_first = first is not None and _score(first) > _score(run)
+    if run.kept_first:
+        first.kept_first = True
+        run = first
+    run.n_certify = n_cert
+    run.stopped_by_continuation = limit < maxiter and basis.n_restarts >= limit
+    return run
+
+
+def _score(run: _Run) -> tuple[int, float]:
+    """Certified pairs (flag and true residual), then the smaller worst miss: larger is better."""
+    ok = run.converged & (run.residuals <= run.allowed)
+    return int(np.sum(ok)), -float(np.max(run.residuals / run.allowed, initial=0.0))
 
 
 def _has_adjoint(A: LinearOperator) -> bool:
@@ -340,11 +358,21 @@ def eigs(
             f"eigs: converged: {nwant} eigenpairs to tol={tol:.1e} in {run.basis.n_matvec} "
             f"matvecs, {run.basis.n_restarts} restarts"
         )
+    elif run.stopped_by_continuation:
+        status = (
+            f"eigs: not converged: {int(converged.sum())} of {nwant} wanted eigenpairs reached "
+            f"tol={tol:.1e} ({run.basis.n_matvec} matvecs): their true residuals missed tol at "
+            f"the first certificate, and a tightened continuation of {_RETRY_RESTARTS} restarts "
+            "did not cure it (the products' rounding is near tol); loosen tol or use float64"
+        )
     else:
         status = not_converged_message(
             "eigs", int(converged.sum()), nwant, run.basis.n_restarts, run.basis.n_matvec,
             maxiter, ncv, tol,
         )
+    if run.kept_first:
+        status += ("; the first certificate's pairs are returned (a tightened continuation did "
+                   "not improve on them)")
     if run.basis.n_breakdowns:
         status += f"; {run.basis.n_breakdowns} invariant subspace(s) found (random restart)"
     if over.any():
