@@ -206,3 +206,20 @@ def test_a_non_symmetric_operator_is_named_in_the_status():
     D = torch.diag(torch.arange(1.0, 301.0, dtype=torch.float64))
     r = eigsh(D, k=4, reorth="selective", generator=torch.Generator().manual_seed(0))
     assert "symmetric" not in r.status, r.status
+
+
+def test_selective_stops_when_the_basis_loses_orthogonality():
+    """reorth='selective' at the float64 default tol 1e-8 on diag(1..300): its basis lost
+    orthogonality restart after restart (max |V^T V - I| 1e-15 -> 1e-3 -> O(1)) and returned
+    'eigenvalues' of 467 and more for a matrix whose largest is 300. The run now stops when the
+    loss passes eps^(1/4) and says why; what it returns is still the spectrum's top."""
+    D = torch.diag(torch.arange(1.0, 301.0, dtype=torch.float64))
+    r = eigsh(D, k=4, reorth="selective", generator=torch.Generator().manual_seed(0))
+    assert "lost the basis' orthogonality" in r.status and "reorth='full'" in r.status, r.status
+    z = r.eigenvalues.real.numpy()
+    assert np.all(z <= 300 + 1e-6), z
+    np.testing.assert_allclose(np.sort(z)[::-1], [300, 299, 298, 297], rtol=1e-6)
+    rel = (r.residuals / r.eigenvalues.abs()).numpy()
+    assert np.all(rel[r.converged.numpy()] <= 1e-8)  # the flagged ones are certified
+    full = eigsh(D, k=4, generator=torch.Generator().manual_seed(0))
+    assert full.converged_all and "orthogonality" not in full.status
