@@ -763,10 +763,7 @@ def test_per_group_momentum_says_the_modes_are_not_curvature_targeted():
     rest = [p for p in model.parameters() if all(p is not q for q in first)]
     opt = torch.optim.AdamW([{"params": first, "lr": 1e-2}, {"params": rest, "lr": 1e-3}],
                             weight_decay=0.01)
-    for _ in range(3):
-        opt.zero_grad()
-        loss_fn(model(batch[0]), batch[1]).backward()
-        opt.step()
+    take_steps(model, opt, loss_fn, batch)
     rep = estimate(model, opt, loss_fn, batch, k=2)
     assert "(lr * weight_decay" in rep.message and "beta1" not in rep.message, rep.message
     model, opt, loss_fn, batch = sgd_case(two_groups=True, group2={"lr": 0.05})
@@ -782,10 +779,7 @@ def _tiny_sgd(dtype):
     m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
     x, y = torch.randn(32, 6, dtype=dtype), torch.randint(0, 3, (32,))
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(m(x), y).backward()
-        opt.step()
+    take_steps(m, opt, F.cross_entropy, (x, y), 3)
     return m, opt, F.cross_entropy, (x, y)
 
 
@@ -875,10 +869,7 @@ def test_precision_floor_is_named_with_a_tol_that_passes():
     model = nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     X, y = torch.randn(128, 6), torch.randint(0, 3, (128,))
-    for _ in range(10):
-        opt.zero_grad()
-        F.cross_entropy(model(X), y).backward()
-        opt.step()
+    take_steps(model, opt, F.cross_entropy, (X, y), 10)
     batch = (X[:64], y[:64])
     rep = estimate(model, opt, F.cross_entropy, batch, k=4)
     assert not rep.all_converged
@@ -923,10 +914,7 @@ def test_a_backward_outside_autograd_is_named_not_blamed_on_rounding():
     model = M()
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    for _ in range(2):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    take_steps(model, opt, F.cross_entropy, (x, y), 2)
     rep = estimate(model, opt, F.cross_entropy, (x, y), k=2)
     assert not rep.all_converged
     assert "Hessian products are not symmetric" in rep.message, rep.message
@@ -949,10 +937,7 @@ def test_k_beyond_the_model_says_what_was_computed():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()  # 26 params
     x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(2):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    take_steps(model, opt, F.cross_entropy, (x, y), 2)
     rep = estimate(model, opt, F.cross_entropy, (x, y), k=40)
     assert len(rep.curvatures) == 24
     assert "k=40 modes per side asked, 24 computed" in rep.message, rep.message
