@@ -305,9 +305,10 @@ def expand_cycle(basis, ncv: int, s: int, k: int, analyze, quick=None, after_res
     operator of ``bench/bench_arpack.py``). Whatever stops the expansion, the returned pairs are
     certified afterwards by their true residuals. ``quick(m)``, when given, is a cheaper
     necessary test run first after a restart (``eigs``: LAPACK's ``eig`` of ``H`` instead of the
-    Schur form and its back substitution, 0.2 instead of 1 ms a step at ``ncv = 20``);
-    ``after_restart=False`` keeps the test at the end of later cycles only (``eigsh``'s
-    selective reorthogonalization, whose Ritz estimates are not reliable residuals). Never
+    Schur form and its back substitution, 0.3 instead of about 1 ms a step in situ at
+    ``ncv = 20``); ``after_restart=False`` keeps the test at the end of later cycles only
+    (``eigsh``'s selective reorthogonalization, whose Ritz estimates are not reliable residuals,
+    and ``eigs``' left run, which is certified by its caller without a continuation). Never
     after a breakdown, where the space is blind to part of the spectrum.
     ``analyze(m)`` returns a tuple whose element 5 is the converged flags of the wanted values.
     """
