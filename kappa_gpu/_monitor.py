@@ -27,7 +27,8 @@ What the monitor guarantees:
   ``status="error"`` and ``error="<Type>: <message>"``; training continues. After a failure the
   next estimate starts cold (no warm start). ``strict=True`` re-raises instead (for debugging).
   Non-convergence is not an exception: the record has ``status="unconverged"`` and the
-  estimator's message.
+  estimator's message. A due step at which every group's lr is 0 (the last step of a
+  linear-decay schedule) is skipped with one INFO log line: the update moves nothing.
 * **Warm start.** Each estimate starts the eigen-solver from the previous successful estimate's
   Ritz vectors (``warm_start=previous_report``).
 * **DistributedDataParallel.** With a DDP-wrapped model (``torch.distributed`` initialized,
@@ -571,6 +572,7 @@ class KappaMonitor:
         self._exit = time.perf_counter()  # the clock of training time starts here
         self._generators: dict[torch.device, torch.Generator] = {}
         self._logged_failure_types: set[str] = set()
+        self._lr_zero_logged = False
         self._kappa_history: collections.deque[float] = collections.deque(maxlen=self.rules.window)
 
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
@@ -641,6 +643,8 @@ class KappaMonitor:
             if due:
                 if not force and self._over_cap():
                     self._n_skipped += 1
+                elif not force and self._lr_is_zero():
+                    pass  # nothing to estimate (a schedule's last step); logged once
                 else:
                     record = self._estimate_record(batch, loss)
         finally:
@@ -652,6 +656,20 @@ class KappaMonitor:
             record.overhead = self._ratio()
             self._emit(record)
         return record
+
+    def _lr_is_zero(self) -> bool:
+        """Every group's lr is 0 (a linear-decay schedule's last step, as Hugging Face's
+        Trainer runs it before ``on_step_end``): J moves nothing and estimate would refuse, so
+        the due estimate is skipped, with one log line, instead of an error record."""
+        try:
+            zero = all(float(g["lr"]) == 0.0 for g in self.optimizer.param_groups)
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            return False
+        if zero and not self._lr_zero_logged:
+            self._lr_zero_logged = True
+            logger.info("kappa_gpu monitor: lr is 0 in every parameter group at step %d; "
+                        "skipping the due estimate (nothing to estimate)", self._step)
+        return zero
 
     def overhead(self) -> MonitorOverhead:
         """Monitor time relative to training time so far."""

@@ -125,6 +125,25 @@ def test_schedule_warmup_and_force():
     assert all(c["k"] == 8 and c["method"] == "auto" and c["modes"] == "sharp" for c in est.calls)
 
 
+def test_a_zero_learning_rate_skips_the_due_estimate(caplog):
+    """A linear-decay schedule ends at lr = 0 (Hugging Face's Trainer steps the scheduler
+    before on_step_end): nothing to estimate, so no estimate and no failure, one log line."""
+    import logging
+
+    model, opt, loss_fn, batch = setup()
+    est = StubEstimator()
+    mon = KappaMonitor(model, opt, loss_fn, every=2, estimator=est)
+    run(mon, model, opt, loss_fn, batch, 2)
+    assert len(est.calls) == 1
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    with caplog.at_level(logging.INFO, logger="kappa_gpu"):
+        assert run(mon, model, opt, loss_fn, batch, 4) == []
+    assert len(est.calls) == 1 and mon.n_failures == 0
+    assert sum("lr is 0 in every parameter group" in r.getMessage() for r in caplog.records) == 1
+    assert mon.step(batch, force=True) is not None and len(est.calls) == 2  # forced: runs
+
+
 def test_warm_start_passes_previous_report_and_private_generator():
     model, opt, loss_fn, batch = setup()
     reports = [fake_report(), fake_report(), fake_report()]
