@@ -295,6 +295,51 @@ def not_converged_message(
     )
 
 
+def continuation(
+    res: np.ndarray, lim: np.ndarray, n_restarts: int, limit: int, maxiter: int
+) -> tuple[float, int] | None:
+    """``(tight, limit)`` when a run's first certificate misses ``lim`` by at most
+    ``_RETRY_MISS`` and restarts remain: the scale of its tightened Ritz-estimate test and the
+    restart count it may reach; ``None`` when it met ``lim`` or missed by more."""
+    worst = float(np.max(res / lim))
+    if np.any(res > lim) and worst <= _RETRY_MISS and n_restarts < limit:
+        return 0.5 / worst, min(maxiter, n_restarts + _RETRY_RESTARTS)
+    return None
+
+
+def certified_score(conv: np.ndarray, res: np.ndarray, lim: np.ndarray) -> tuple[int, float]:
+    """Pairs both flagged and within ``lim`` by their true residuals, then the smaller worst
+    miss: the larger score is the better of a run's two certified outcomes."""
+    return int(np.sum(conv & (res <= lim))), -float(np.max(res / lim, initial=0.0))
+
+
+def continuation_message(name: str, nconv: int, nwant: int, nmv: int, tol: float) -> str:
+    """Status of a run its tightened continuation ended without convergence."""
+    return (
+        f"{name}: not converged: {nconv} of {nwant} wanted eigenpairs reached tol={tol:.1e} "
+        f"({nmv} matvecs): their true residuals missed tol at the first certificate, and a "
+        f"tightened continuation of {_RETRY_RESTARTS} restarts did not cure it (the products' "
+        "rounding is near tol); loosen tol or use float64"
+    )
+
+
+#: appended to the status when the first certificate's pairs are returned
+KEPT_FIRST_NOTE = (
+    "; the first certificate's pairs are returned (a tightened continuation did not improve on "
+    "them)"
+)
+
+
+def noisy_note(n: int, cause: str) -> str:
+    """Status note: ``n`` pairs passed the Ritz test but their true residuals exceed tol by
+    more than the products' rounding; ``cause``: what the operator's products do."""
+    return (
+        f"; {n} pair(s) passed the Ritz-estimate test but their true residuals (.residuals) "
+        f"exceed tol: the operator's products {cause} (a non-deterministic product, float32 "
+        "rounding of a long sum); loosen tol or use float64"
+    )
+
+
 def expand_cycle(basis, ncv: int, s: int, k: int, analyze, quick=None, after_restart=True):
     """Expand ``basis`` to a full restart cycle and return ``(m, analyze(m))``.
 

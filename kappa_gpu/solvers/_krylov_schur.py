@@ -38,14 +38,17 @@ import torch
 from kappa_gpu._linop import LinearOperator
 from kappa_gpu.solvers._basis import KrylovBasis
 from kappa_gpu.solvers._common import (
-    _RETRY_MISS,
-    _RETRY_RESTARTS,
+    KEPT_FIRST_NOTE,
     as_operator,
+    certified_score,
     check_int,
     check_sigma,
+    continuation,
+    continuation_message,
     conv_floor,
     default_maxiter,
     expand_cycle,
+    noisy_note,
     not_converged_message,
     resolve_tol,
     ritz_vectors,
@@ -129,18 +132,14 @@ def _ks_run(
 
     def certify(m: int, sr, wanted, S):
         X = ritz_vectors(basis.columns(m), S, complex_out=True)
-        pos = list(wanted)
-        partner = np.array([pos.index(sr.partner[q]) if sr.partner[q] >= 0 else -1 for q in pos])
-        res, n = true_residuals(A, X, sr.theta[wanted], partner)
+        res, n = true_residuals(A, X, sr.theta[wanted], _partners(sr, wanted))
         return X, res, n
 
     def outcome(m: int, sr, wanted, S, est, conv, certified) -> _Run:
         H = basis.H
-        # Output order: most wanted first, conjugate partners adjacent (+ first).
-        pos = list(wanted)
-        partner = np.array([pos.index(sr.partner[q]) if sr.partner[q] >= 0 else -1 for q in pos])
         return _Run(
-            theta=sr.theta[wanted], coeffs=S, partner=partner, estimates=est, converged=conv,
+            theta=sr.theta[wanted], coeffs=S, partner=_partners(sr, wanted), estimates=est,
+            converged=conv,
             basis=basis, m=m, hessenberg=H[: m + s, :m].copy(), nconv=int(conv.sum()),
             X=certified[0], residuals=certified[1], n_certify=0,
             allowed=certifiable(sr.theta[wanted], H[:m, :m]),
@@ -166,13 +165,11 @@ def _ks_run(
             certified = certify(m, sr, wanted, S)
             n_cert += certified[2]
             z_w, res_w = sr.theta[wanted], certified[1]
-            lim = allowed(z_w, basis.H[:m, :m])
-            miss = res_w > lim
-            worst = float(np.max(res_w / lim))
-            if miss.any() and worst <= _RETRY_MISS and basis.n_restarts < limit:
+            go_on = continuation(res_w, allowed(z_w, basis.H[:m, :m]), basis.n_restarts, limit,
+                                 maxiter)
+            if go_on is not None:
                 first = outcome(m, sr, wanted, S, est, conv, certified)
-                tight = 0.5 / worst
-                limit = min(maxiter, basis.n_restarts + _RETRY_RESTARTS)
+                tight, limit = go_on
                 conv = est <= allowed(z_w, basis.H[:m, :m], tight)
                 nconv = int(conv.sum())
                 if nconv < nev:
@@ -209,9 +206,15 @@ def _ks_run(
 
 
 def _score(run: _Run) -> tuple[int, float]:
-    """Certified pairs (flag and true residual), then the smaller worst miss: larger is better."""
-    ok = run.converged & (run.residuals <= run.allowed)
-    return int(np.sum(ok)), -float(np.max(run.residuals / run.allowed, initial=0.0))
+    """:func:`certified_score` of a run against what its true residuals may be."""
+    return certified_score(run.converged, run.residuals, run.allowed)
+
+
+def _partners(sr: SchurRitz, wanted: np.ndarray) -> np.ndarray:
+    """For each wanted value (output order: most wanted first, conjugate partners adjacent),
+    the position of its conjugate partner among them, -1 for a real value."""
+    pos = list(wanted)
+    return np.array([pos.index(sr.partner[q]) if sr.partner[q] >= 0 else -1 for q in pos])
 
 
 def _has_adjoint(A: LinearOperator) -> bool:
@@ -359,29 +362,19 @@ def eigs(
             f"matvecs, {run.basis.n_restarts} restarts"
         )
     elif run.stopped_by_continuation:
-        status = (
-            f"eigs: not converged: {int(converged.sum())} of {nwant} wanted eigenpairs reached "
-            f"tol={tol:.1e} ({run.basis.n_matvec} matvecs): their true residuals missed tol at "
-            f"the first certificate, and a tightened continuation of {_RETRY_RESTARTS} restarts "
-            "did not cure it (the products' rounding is near tol); loosen tol or use float64"
-        )
+        status = continuation_message("eigs", int(converged.sum()), nwant, run.basis.n_matvec,
+                                      tol)
     else:
         status = not_converged_message(
             "eigs", int(converged.sum()), nwant, run.basis.n_restarts, run.basis.n_matvec,
             maxiter, ncv, tol,
         )
     if run.kept_first:
-        status += ("; the first certificate's pairs are returned (a tightened continuation did "
-                   "not improve on them)")
+        status += KEPT_FIRST_NOTE
     if run.basis.n_breakdowns:
         status += f"; {run.basis.n_breakdowns} invariant subspace(s) found (random restart)"
     if over.any():
-        status += (
-            f"; {int(over.sum())} pair(s) passed the Ritz-estimate test but their true residuals "
-            "(.residuals) exceed tol: the operator's products carry errors of that size (a "
-            "non-deterministic product, float32 rounding of a long sum); loosen tol or use "
-            "float64"
-        )
+        status += noisy_note(int(over.sum()), "carry errors of that size")
 
     Y, left_res, n_rmv = None, None, 0
     if left:

@@ -31,13 +31,16 @@ import torch
 from kappa_gpu._linop import LinearOperator
 from kappa_gpu.solvers._basis import KrylovBasis
 from kappa_gpu.solvers._common import (
-    _RETRY_MISS,
-    _RETRY_RESTARTS,
+    KEPT_FIRST_NOTE,
     as_operator,
+    certified_score,
     check_int,
+    continuation,
+    continuation_message,
     conv_floor,
     default_maxiter,
     expand_cycle,
+    noisy_note,
     not_converged_message,
     resolve_tol,
     ritz_vectors,
@@ -206,12 +209,9 @@ def _trlan(
             certified = _certify(A, basis, m, Y, wanted[perm], theta)
             n_cert_all += certified[2]
             z_w, res_w = theta[wanted[perm]], certified[1]
-            lim = allowed(z_w, theta)
-            miss = res_w > lim
-            worst = float(np.max(res_w / lim))
-            if miss.any() and worst <= _RETRY_MISS and basis.n_restarts < limit:
-                tight = 0.5 / worst
-                limit = min(maxiter, basis.n_restarts + _RETRY_RESTARTS)
+            go_on = continuation(res_w, allowed(z_w, theta), basis.n_restarts, limit, maxiter)
+            if go_on is not None:
+                tight, limit = go_on
                 conv = est <= allowed(theta[wanted], theta, tight)
                 nconv = int(conv.sum())
                 if nconv < k:
@@ -279,19 +279,13 @@ def _trlan(
             "which makes further Ritz values meaningless; use reorth='full' (or a looser tol)"
         )
     elif limit < maxiter and basis.n_restarts >= limit:
-        status = (
-            f"eigsh: not converged: {nconv} of {k} wanted eigenpairs reached tol={tol:.1e} "
-            f"({basis.n_matvec} matvecs): their true residuals missed tol at the first "
-            f"certificate, and a tightened continuation of {_RETRY_RESTARTS} restarts did not "
-            "cure it (the products' rounding is near tol); loosen tol or use float64"
-        )
+        status = continuation_message("eigsh", nconv, k, basis.n_matvec, tol)
     else:
         status = not_converged_message(
             "eigsh", nconv, k, basis.n_restarts, basis.n_matvec, maxiter, ncv, tol
         )
     if kept_first:
-        status += ("; the first certificate's pairs are returned (a tightened continuation did "
-                   "not improve on them)")
+        status += KEPT_FIRST_NOTE
     if basis.n_breakdowns:
         status += f"; {basis.n_breakdowns} invariant subspace(s) found (random restart)"
     Hm = basis.H[:m, :m]
@@ -310,12 +304,7 @@ def _trlan(
             "which limits the Ritz vectors' accuracy; use reorth='full' or a looser tol"
         )
     if n_noisy:
-        status += (
-            f"; {n_noisy} pair(s) passed the Ritz-estimate test but their true residuals "
-            "(.residuals) exceed tol: the operator's products are not symmetric or carry "
-            "errors of that size (a non-deterministic product, float32 rounding of a long "
-            "sum); loosen tol or use float64"
-        )
+        status += noisy_note(n_noisy, "are not symmetric or carry errors of that size")
     return EigResult(
         eigenvalues=torch.as_tensor(z.astype(np.complex128)),
         eigenvectors=X,
@@ -356,9 +345,8 @@ class _Outcome(NamedTuple):
 
 
 def _score(o: _Outcome, allowed) -> tuple[int, float]:
-    """Certified pairs (flag and true residual), then the smaller worst miss: larger is better."""
-    lim = allowed(o.z, o.theta)
-    return int(np.sum(o.conv & (o.res <= lim))), -float(np.max(o.res / lim, initial=0.0))
+    """:func:`certified_score` of an outcome at the user's tol."""
+    return certified_score(o.conv, o.res, allowed(o.z, o.theta))
 
 
 def _sym_hessenberg(H: np.ndarray, m: int, s: int) -> np.ndarray:
