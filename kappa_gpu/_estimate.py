@@ -57,6 +57,16 @@ _METHODS = ("auto", "structured", "arnoldi")
 _MODES = ("sharp", "negative", "both")
 
 
+def check_arguments(method: str, modes: str, tol: Any) -> float | None:
+    """``estimate``'s choices checked (also by :class:`~kappa_gpu.KappaMonitor` when it is
+    built); returns ``tol`` as :func:`check_tol` does."""
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if modes not in _MODES:
+        raise ValueError(f"modes must be one of {_MODES}, got {modes!r}")
+    return check_tol(tol)
+
+
 def check_tol(tol: Any) -> float | None:
     """``tol`` as a float: ``None`` (the default) or a finite number >= 0 (numpy and 0-d torch
     scalars too; not a bool)."""
@@ -74,13 +84,18 @@ def check_tol(tol: Any) -> float | None:
     return value
 
 
+def _coarsest(dtypes) -> torch.dtype | None:
+    """The floating dtype of the largest machine epsilon among ``dtypes`` (None if none)."""
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=None)
+
+
 def _default_tol(dtype: torch.dtype, model: torch.nn.Module | None = None) -> float:
     """1e-8 when the Krylov vectors and every parameter are float64, 1e-4 when the coarsest of
     them is float32, 1e-2 below (the products carry the parameters' rounding whatever the
     Krylov dtype: float64 vectors over a float32 model cannot reach 1e-8)."""
     dts = {dtype} | ({p.dtype for p in model.parameters() if p.is_floating_point()}
                      if model is not None else set())
-    eps = max(float(torch.finfo(d).eps) for d in dts)
+    eps = float(torch.finfo(_coarsest(dts)).eps)
     if eps <= float(torch.finfo(torch.float64).eps):
         return 1e-8
     return 1e-4 if eps <= float(torch.finfo(torch.float32).eps) else 1e-2
@@ -179,14 +194,10 @@ def estimate(
         ``docs/estimate_cost.md``.
     """
     t0 = time.perf_counter()
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if modes not in _MODES:
-        raise ValueError(f"modes must be one of {_MODES}, got {modes!r}")
+    tol = check_arguments(method, modes, tol)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     k = int(k)
-    tol = check_tol(tol)
     if ncv is not None and (isinstance(ncv, bool) or not isinstance(ncv, numbers.Integral)
                             or ncv <= k):
         raise ValueError(
@@ -269,7 +280,7 @@ def estimate(
                 "eigenvalues name no single curvature, so the modes are those of smallest Re z "
                 "(largest for modes='negative'), not the sharpest curvatures; they can be one "
                 "group's bulk modes (z near its momentum). For curvature-targeted modes make "
-                f"those the same in every group"
+                "those the same in every group"
             )]
 
     z = out["z"]
@@ -574,9 +585,12 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
                     ncv=min(max(3 * m, 20), n), maxiter=maxiter, generator=generator)
         out = _structured_modes(op, st, sq, res, which, tol)
     n_miss = int(np.sum(out["residuals"] > out["allowed"]))
-    # only when something is to be explained: one n x k x k product
-    asym = _asymmetry(res) if n_miss and res.converged_all else 0.0
-    if n_miss and res.converged_all and asym > 1e-3:
+    if not (n_miss and res.converged_all):
+        return out
+    # Lanczos converged and refining did not help: not a matter of ncv or maxiter.
+    out["precision_limited"] = True
+    asym = _asymmetry(res)  # only here, where something is to be explained: n x k x k
+    if asym > 1e-3:
         # Not rounding: the Hessian products are not symmetric (second derivatives broken).
         out["messages"] = [*out["messages"], (
             f"{n_miss} J residual(s) stay above tol although Lanczos converged, and the "
@@ -586,16 +600,13 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
             "(numpy, .detach()); the eigenvalues are not those of the true update. Check "
             "kg.hessian_operator(...).to_dense() for symmetry on a small copy"
         )]
-        out["precision_limited"] = True  # no ncv / maxiter advice either
-    elif n_miss and res.converged_all:
-        # Lanczos converged and refining did not help: the products' rounding is the floor.
+    else:
+        # The products' rounding is the floor.
         D = st.D[st.D > 0]
         spread = float(D.max() / D.min()) if D.numel() else 1.0
-        out["precision_limited"] = True
         worst = float(np.max(out["residuals"] / out["allowed"]))
         params = getattr(getattr(op, "_engine", None), "params", None) or []
-        prec = min((p.dtype for p in params if p.is_floating_point()),
-                   key=lambda d: torch.finfo(d).bits, default=op.dtype)
+        prec = _coarsest({p.dtype for p in params if p.is_floating_point()}) or op.dtype
         out["messages"] = [*out["messages"], (
             f"{n_miss} J residual(s) stay above tol (up to {worst:.3g}x) although Lanczos "
             f"converged: the products' rounding ({prec}) is the floor here (the preconditioner "
@@ -619,13 +630,12 @@ _COEFFICIENT_SOURCES = {
 
 def _nonuniform_hyperparameters(st) -> str:
     """The hyper-parameters behind the block coefficients that vary over the active entries."""
-    mask = st.active if st.active is not None else None
     names = []
     for key in ("beta", "b", "a", "a2", "c"):
         v = getattr(st, key)
         if not torch.is_tensor(v) or v.ndim == 0:
             continue
-        v = v[mask] if mask is not None else v
+        v = v[st.active] if st.active is not None else v
         if v.numel() and bool(v.max() != v.min()):
             src = _COEFFICIENT_SOURCES[key]
             if src not in names:

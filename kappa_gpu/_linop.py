@@ -322,12 +322,8 @@ def _scipy_has_adjoint(S) -> bool:
     ``LinearOperator(matvec=...)`` only with ``rmatvec=`` or ``rmatmat=``)."""
     import scipy.sparse.linalg as spla
 
-    if type(S)._rmatvec is not spla.LinearOperator._rmatvec or type(S)._adjoint is not (
-        spla.LinearOperator._adjoint
-    ):
-        custom = type(S).__name__ == "_CustomLinearOperator"
-        if not custom:
-            return True
+    if type(S).__name__ == "_CustomLinearOperator":  # LinearOperator(shape, matvec=, ...)
         return (getattr(S, "_CustomLinearOperator__rmatvec_impl", None) is not None
                 or getattr(S, "_CustomLinearOperator__rmatmat_impl", None) is not None)
-    return False
+    return (type(S)._rmatvec is not spla.LinearOperator._rmatvec
+            or type(S)._adjoint is not spla.LinearOperator._adjoint)

@@ -367,12 +367,9 @@ def _check_estimate_arguments(method: str, modes: str, kwargs: dict[str, Any]) -
     """What :func:`kappa_gpu.estimate` would reject, rejected when the monitor is built."""
     import inspect
 
-    from kappa_gpu._estimate import _METHODS, _MODES, check_tol, estimate
+    from kappa_gpu._estimate import check_arguments, estimate
 
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if modes not in _MODES:
-        raise ValueError(f"modes must be one of {_MODES}, got {modes!r}")
+    check_arguments(method, modes, kwargs.get("tol"))
     known = set(inspect.signature(estimate).parameters) - {"model", "optimizer", "loss_fn",
                                                            "batch"}
     unknown = sorted(set(kwargs) - known)
@@ -381,7 +378,6 @@ def _check_estimate_arguments(method: str, modes: str, kwargs: dict[str, Any]) -
             f"unknown estimate argument(s) {unknown}; KappaMonitor passes its extra keyword "
             f"arguments to kappa_gpu.estimate, which takes {sorted(known)}"
         )
-    check_tol(kwargs.get("tol"))
 
 
 class KappaMonitor:
