@@ -332,7 +332,8 @@ _ASYM_HINT = 1e-2
 
 
 class _Outcome(NamedTuple):
-    """What eigsh returns, in output order (``theta``: all Ritz values, for the tests)."""
+    """What eigsh returns, in output order (``theta``: all Ritz values, for the noise floor of
+    the convergence and certificate tests)."""
 
     z: np.ndarray
     est: np.ndarray
