@@ -274,13 +274,13 @@ def estimate(
         if frozen_structure is not None and not frozen_structure.uniform:
             # Silent otherwise: "SR" can pick a group's bulk modes (z near its momentum, Re z
             # below the sharp pairs' (1 + beta - a s) / 2) and report them as the sharp modes.
-            which_differ = _nonuniform_hyperparameters(frozen_structure)
+            which_differ = _nonuniform_hyperparameters(frozen_structure, op.kind)
             out["messages"] = [*out.get("messages", []), (
                 f"block coefficients differ between parameter groups ({which_differ}): J's "
                 "eigenvalues name no single curvature, so the modes are those of smallest Re z "
                 "(largest for modes='negative'), not the sharpest curvatures; they can be one "
-                "group's bulk modes (z near its momentum). For curvature-targeted modes make "
-                "those the same in every group"
+                f"group's bulk modes (z near its {'momentum' if op.kind == 'sgd' else 'beta1'}). "
+                "For curvature-targeted modes make those the same in every group"
             )]
 
     z = out["z"]
@@ -292,6 +292,7 @@ def estimate(
     # exceptional point is the conditioning of nearly parallel columns.
     R, T = _basis_geometry(out["bases"], out.get("geometry"))
     kv = float(kappa_V(torch.from_numpy(R @ out["C"])))
+    missing = int(out.get("missing_directions", 0))
 
     # Transient growth on the computed invariant subspace: T = Q^T J Q with Q = B R^-1.
     tg = transient_growth(T, horizon=horizon)
@@ -303,9 +304,6 @@ def estimate(
     normalized = transient_growth(T / rho_T, horizon=horizon, rho=1.0) if rho_T > 0 else tg
     kreiss = kreiss_lower_bound(T)
     curve = np.asarray(tg.curve, dtype=np.float64)
-    tgrid = np.arange(len(curve))
-    with np.errstate(over="ignore", invalid="ignore"):
-        bound_curve = kv * rho**tgrid if math.isfinite(kv) else np.full(len(curve), np.inf)
 
     # Per-mode exceptional-point quantities from the block coefficients.
     s = out["s"]
@@ -333,13 +331,35 @@ def estimate(
             "dense eigendecomposition of update_operator(...).to_dense() is exact and faster"
         )
     if np.any(at_ep):
+        # The eigenvectors of such a mode are parallel in exact arithmetic; what the rounding
+        # leaves between them (kappa_V of 1e7-1e8 in float64) is not a property of J.
+        kv = math.inf
         msgs.append(
             f"mode(s) {np.flatnonzero(at_ep).tolist()} at an exceptional point: eigenvectors "
             "coalesce, kappa_V is infinite"
         )
+    tgrid = np.arange(len(curve))
+    with np.errstate(over="ignore", invalid="ignore"):
+        bound_curve = kv * rho**tgrid if math.isfinite(kv) else np.full(len(curve), np.inf)
+    growth_known, nan = missing == 0, float("nan")
+    if not growth_known:
+        msgs.append(
+            f"{missing} eigenvector(s) parallel to others to rounding (a defective eigenvalue: "
+            "an exceptional point or a Jordan block), so their span misses the Jordan "
+            "direction(s) of the invariant subspace and the transient growth and Kreiss bound "
+            "on it would be too small: not reported (nan)"
+            + ("; method='structured' computes the modes' exact 2x2 blocks"
+               if coeffs is not None else "")
+        )
     if not np.all(converged):
-        fix = ("not a matter of ncv or maxiter (the cause is named above)"
-               if out.get("precision_limited") else "raise ncv or maxiter, or loosen tol")
+        if out.get("precision_limited"):
+            fix = "not a matter of ncv or maxiter (the cause is named above)"
+        elif np.any(at_ep) or not growth_known:
+            fix = ("eigenvalues at an exceptional point are defective, and an iterative "
+                   "solver's residuals stall there at about sqrt(eps) |z|: not a matter of ncv "
+                   "or maxiter")
+        else:
+            fix = "raise ncv or maxiter, or loosen tol"
         msgs.append(
             f"{int(np.sum(~converged))} of {len(converged)} eigenvalues not converged to "
             f"tol={tol:g}: {fix}; their numbers are estimates"
@@ -356,13 +376,14 @@ def estimate(
         discriminant=np.asarray(disc, dtype=np.float64),
         stability_margin=np.asarray(margin, dtype=np.float64),
         at_ep=np.asarray(at_ep, dtype=bool),
-        transient_growth=float(tg.max_growth) if tg.bounded else float("inf"),
-        normalized_growth=float(normalized.max_growth),
-        growth_argmax=int(tg.argmax_t),
-        growth_curve=curve,
+        transient_growth=(float(tg.max_growth) if tg.bounded else float("inf"))
+        if growth_known else nan,
+        normalized_growth=float(normalized.max_growth) if growth_known else nan,
+        growth_argmax=int(tg.argmax_t) if growth_known else -1,
+        growth_curve=curve if growth_known else np.full(len(curve), nan),
         growth_bounded=bool(tg.bounded),
         kappa_bound_curve=np.asarray(bound_curve, dtype=np.float64),
-        kreiss_lower=float(kreiss.value),
+        kreiss_lower=float(kreiss.value) if growth_known else nan,
         residuals=np.asarray(residuals, dtype=np.float64),
         converged=np.asarray(converged, dtype=bool),
         n_hvp=int(op.n_hvp - n_hvp0),
@@ -619,17 +640,19 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
 
 
 #: which hyper-parameters set each block coefficient (DESIGN.md section 3)
+#: What each block coefficient of M(s) is made of, per optimizer kind.
 _COEFFICIENT_SOURCES = {
-    "beta": "momentum / beta1",
-    "b": "momentum / beta1",
-    "a": "dampening, nesterov or beta1",
-    "a2": "dampening or beta1",
-    "c": "lr * weight_decay (AdamW's decoupled decay: c = 1 - lr * weight_decay)",
+    "sgd": {"beta": "momentum", "b": "momentum", "a": "dampening or nesterov",
+            "a2": "dampening", "c": "weight decay"},
+    "adam": {"beta": "beta1", "b": "beta1", "a": "beta1", "a2": "beta1",
+             "c": "lr * weight_decay (decoupled decay: c = 1 - lr * weight_decay)"},
 }
 
 
-def _nonuniform_hyperparameters(st) -> str:
-    """The hyper-parameters behind the block coefficients that vary over the active entries."""
+def _nonuniform_hyperparameters(st, kind: str = "sgd") -> str:
+    """The hyper-parameters behind the block coefficients that vary over the active entries
+    (``kind``: the operator's, ``"sgd"``, ``"adam"`` or ``"adamw"``)."""
+    sources = _COEFFICIENT_SOURCES["sgd" if kind == "sgd" else "adam"]
     names = []
     for key in ("beta", "b", "a", "a2", "c"):
         v = getattr(st, key)
@@ -637,10 +660,13 @@ def _nonuniform_hyperparameters(st) -> str:
             continue
         v = v[st.active] if st.active is not None else v
         if v.numel() and bool(v.max() != v.min()):
-            src = _COEFFICIENT_SOURCES[key]
+            src = sources[key]
             if src not in names:
                 names.append(src)
-    return "; ".join(names) if names else "momentum, dampening, nesterov, betas or weight decay"
+    if names:
+        return "; ".join(names)
+    return ("momentum, dampening, nesterov or weight decay" if kind == "sgd"
+            else "betas or weight decay")
 
 
 def _asymmetry(res) -> float:
@@ -795,6 +821,10 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
         s = np.full(len(z), np.nan)
     cond = _condition_numbers(X, Y, y_cols)
     B = orthonormal_basis(X)
+    # Each real eigenvalue spans one real direction, each conjugate pair two: fewer columns
+    # means computed eigenvectors parallel to rounding (an exceptional point, a Jordan block),
+    # whose span misses the Jordan direction of the invariant subspace.
+    missing = len(res.eigenvalues) - B.shape[1]
     basis = _Subspace(B=B, JB=op.matmat(B))
     mom = _moments([basis], X=X)  # B^T B and B^T J B for the geometry, C = B^T X
     C = mom.BtX
@@ -810,7 +840,8 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
                 target=f"which={getattr(which, '__name__', which)} on J (Krylov-Schur"
                 f"{', started from the structured subspace' if v0 is not None else ''}"
                 f"{f', block size {s_blk}' if s_blk > 1 else ''})",
-                hessenberg=getattr(res, "hessenberg", None), messages=[_msg(res)])
+                hessenberg=getattr(res, "hessenberg", None), messages=[_msg(res)],
+                missing_directions=max(missing, 0))
 
 
 def _start_blocks(st, W: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -875,6 +906,7 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out["messages"] = sum((p["messages"] for p in parts), [])
     out["precision_limited"] = any(p.get("precision_limited") for p in parts)
     out["hessenberg"] = parts[0].get("hessenberg")
+    out["missing_directions"] = sum(p.get("missing_directions", 0) for p in parts)
     return out
 
 

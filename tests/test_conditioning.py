@@ -99,3 +99,20 @@ def test_conditioning_on_cuda():
     c = eigenvalue_condition_numbers(X.cuda(), (X + 0.1).cuda())
     assert c.device.type == "cpu"
     assert torch.allclose(c, eigenvalue_condition_numbers(X, X + 0.1))
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-160, 1e160, 1e200])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_column_scale_does_not_matter(scale, dtype):
+    """Unnormalized eigenvectors of 1e-200 or 1e200 are still eigenvectors: their squares
+    under- or overflowed (inf, or a condition number of 0.99998 < 1). Oracle: the same set with
+    the column at scale 1 (kappa_V = 1 + sqrt(2) for [[s, 1], [0, 1]])."""
+    X = torch.tensor([[scale, 1.0], [0.0, 1.0]], dtype=torch.float64).to(dtype)
+    if dtype.is_complex:
+        X[:, 0] *= 1j
+    assert kappa_V(X) == pytest.approx(1 + math.sqrt(2), rel=1e-12)
+    c = eigenvalue_condition_numbers(X, X)
+    np.testing.assert_allclose(c.numpy(), [1.0, 1.0], rtol=1e-12)
+    Z = X.clone()
+    Z[:, 0] = 0
+    assert kappa_V(Z) == math.inf  # a zero column stays what it is

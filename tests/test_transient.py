@@ -40,6 +40,19 @@ def test_non_normal_2x2_matches_closed_form(lam, alpha):
     assert g.bounded and g.certified and g.rho == pytest.approx(abs(lam))
 
 
+def test_defective_T_has_infinite_kappa_v():
+    """A Jordan block's computed eigenvectors are parallel to rounding: kappa_v is inf (as
+    kappa_V says), not sigma_max / sigma_min of them (9e15 for the 2x2, 2e63 for the 5x5); the
+    curve is still the exact one."""
+    for T in (np.array([[1.0, 1.0], [0.0, 1.0]]), 0.9 * np.eye(5) + np.eye(5, k=1)):
+        g = transient_growth(T, horizon=50)
+        assert g.kappa_v == math.inf
+        ref = [np.linalg.norm(np.linalg.matrix_power(T, t), 2) for t in range(51)]
+        np.testing.assert_allclose(g.curve, ref, rtol=1e-12)
+    g = transient_growth(np.diag([0.5, 0.8]), horizon=3)
+    assert g.kappa_v == pytest.approx(1.0)
+
+
 def test_default_horizon_and_certificate():
     T = np.array([[0.9, 5.0], [0.0, 0.9]])
     g = transient_growth(T)  # numerically defective: kappa_v huge -> cap, early stop on decay

@@ -42,8 +42,25 @@ def _as_2d_tensor(X, name: str) -> torch.Tensor:
 
 
 def _unit_columns(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``X`` with unit-norm columns, and a mask of the zero (or non-finite) columns."""
+    """``X`` with unit-norm columns, and a mask of the zero (or non-finite) columns.
+
+    A column whose norm leaves the range where its squares are exact (below
+    ``sqrt(tiny / eps)`` or overflowing; 1e-146 and 1e154 in float64) is scaled by its largest
+    entry first: unnormalized eigenvectors of 1e-200 or 1e200 are still eigenvectors.
+    """
     nrm = torch.linalg.vector_norm(X, dim=0)
+    fi = torch.finfo(nrm.dtype)
+    odd = (nrm < math.sqrt(fi.tiny / fi.eps)) | torch.isinf(nrm)
+    if bool(odd.any()):
+        big = X[:, odd].abs().amax(dim=0)
+        ok = torch.isfinite(big) & (big > 0)  # zero and non-finite columns stay bad
+        cols = torch.nonzero(odd).flatten()[ok]
+        if cols.numel():
+            X = X.clone()
+            Xs = X[:, cols] / big[ok].to(X.dtype)
+            X[:, cols] = Xs
+            nrm = nrm.clone()
+            nrm[cols] = torch.linalg.vector_norm(Xs, dim=0)
     bad = ~(torch.isfinite(nrm) & (nrm > 0))
     safe = torch.where(bad, torch.ones_like(nrm), nrm)
     return X / safe.to(X.dtype), bad

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kappa_gpu.diagnostics._conditioning import kappa_V
+
 __all__ = [
     "KreissBound",
     "TransientGrowth",
@@ -135,12 +137,13 @@ def _default_horizon(kappa_v: float, rho: float, cap: int, k: int) -> int:
 
 
 def _eigen_condition(A: np.ndarray) -> tuple[float, float]:
-    """``(kappa(V), rho)`` from numpy's eigendecomposition (unit-norm columns of V)."""
+    """``(kappa(V), rho)`` from numpy's eigendecomposition (unit-norm columns of V); kappa is
+    ``inf`` for a numerically defective ``A`` (the rank test of :func:`kappa_V`: a Jordan block's
+    computed eigenvectors are parallel to rounding, and ``sigma_max / sigma_min`` of them is a
+    meaningless 1e16 to 1e63)."""
     z, V = np.linalg.eig(A)
     rho = float(np.max(np.abs(z))) if z.size else 0.0
-    s = np.linalg.svd(V, compute_uv=False)
-    kappa = float(s[0] / s[-1]) if s[-1] > 0 else math.inf
-    return kappa, rho
+    return kappa_V(V), rho
 
 
 def transient_growth(

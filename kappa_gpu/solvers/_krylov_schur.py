@@ -29,6 +29,7 @@ have ``kappa`` up to 10^6; retention keeps refining them at no matvec cost.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -217,6 +218,19 @@ def _partners(sr: SchurRitz, wanted: np.ndarray) -> np.ndarray:
     return np.array([pos.index(sr.partner[q]) if sr.partner[q] >= 0 else -1 for q in pos])
 
 
+def _condition_in_projection(hessenberg: np.ndarray, z: np.ndarray) -> float:
+    """The largest eigenvalue condition number ``1 / |y^H x|`` (unit ``x``, ``y``) in the final
+    projection ``H_m`` among the eigenvalues nearest to ``z``: about ``1 / sqrt(eps)`` and more
+    for a defective one."""
+    import scipy.linalg
+
+    m = hessenberg.shape[1]
+    w, vl, vr = scipy.linalg.eig(hessenberg[:m, :m], left=True, right=True)
+    c = 1.0 / np.maximum(np.abs(np.sum(vl.conj() * vr, axis=0)), 1e-300)
+    idx = [int(np.argmin(np.abs(w - zi))) for zi in np.atleast_1d(z)]
+    return float(np.max(c[idx])) if idx else 1.0
+
+
 def _has_adjoint(A: LinearOperator) -> bool:
     """Whether ``A`` defines ``rmatvec`` (checked at the door, before any matvec is spent)."""
     if type(A)._rmatvec is LinearOperator._rmatvec:
@@ -290,6 +304,12 @@ def eigs(
             the adjoint (``A.rmatvec``), matched to the right eigenvalues (``z`` with the adjoint's
             ``conj(z)``). Costs about as many adjoint applications as the right run.
         block_size: ``s > 1`` runs block Krylov-Schur: ``s`` columns per ``A.matmat`` call.
+            Repeated eigenvalues: a single start vector meets each eigenspace along one
+            direction, so further copies of a repeated eigenvalue enter the basis only
+            through rounding and can be missed: the next distinct value is returned in
+            their place, flagged converged (ARPACK can miss them too; its end-of-cycle
+            test leaves rounding more steps to bring them in). With multiplicities up to
+            ``m``, use ``block_size >= m``.
         generator: ``torch.Generator`` for the random start and breakdown vectors.
         strict: raise :class:`ConvergenceError` (carrying ``.result``) instead of returning a
             partially converged result.
@@ -374,7 +394,20 @@ def eigs(
     if run.basis.n_breakdowns:
         status += f"; {run.basis.n_breakdowns} invariant subspace(s) found (random restart)"
     if over.any():
-        status += noisy_note(int(over.sum()), "carry errors of that size")
+        cond = _condition_in_projection(run.hessenberg, run.theta[over])
+        eps_a = float(torch.finfo(A.dtype).eps)
+        if cond >= 0.1 / math.sqrt(eps_a):
+            # Not noise: a (nearly) defective eigenvalue, whose computed eigenvectors are
+            # parallel to about sqrt(eps) and whose residuals stall near sqrt(eps) |z|.
+            status += (
+                f"; {int(over.sum())} pair(s) passed the Ritz-estimate test but their true "
+                f"residuals (.residuals) exceed tol: their eigenvalues are (nearly) defective "
+                f"(condition number {cond:.1e} in the Krylov projection: an exceptional point "
+                "or a Jordan block, eigenvectors parallel to rounding), where no eigenvector "
+                "has a small residual; not a matter of ncv or maxiter"
+            )
+        else:
+            status += noisy_note(int(over.sum()), "carry errors of that size")
 
     Y, left_res, n_rmv = None, None, 0
     if left:
