@@ -38,6 +38,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from kappa_gpu._autocast import without_autocast
 from kappa_gpu._distributed import broadcast_generator, communicator_of
 from kappa_gpu._linop import aslinearoperator
 from kappa_gpu._report import KappaReport
@@ -101,6 +102,7 @@ def _default_tol(dtype: torch.dtype, model: torch.nn.Module | None = None) -> fl
     return 1e-4 if eps <= float(torch.finfo(torch.float32).eps) else 1e-2
 
 
+@without_autocast
 def estimate(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,

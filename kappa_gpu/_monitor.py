@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import csv
 import dataclasses
 import json
@@ -327,12 +328,57 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
+        items = [_to_device(o, device) for o in obj]
+        if hasattr(obj, "_fields"):  # a namedtuple (PackedSequence too): keep its type
+            return type(obj)(*items)
+        return tuple(items)
     if isinstance(obj, list):
         return [_to_device(o, device) for o in obj]
     if isinstance(obj, dict):
-        return type(obj)((k, _to_device(v, device)) for k, v in obj.items())
+        out = copy.copy(obj)  # keeps the mapping's type and state (defaultdict's factory)
+        for k, v in obj.items():
+            out[k] = _to_device(v, device)
+        return out
     return obj
+
+
+def check_monitor_kwargs(owner: str, **kwargs: Any) -> None:
+    """A TypeError naming ``owner`` when ``kwargs`` are not :class:`KappaMonitor` keywords (a
+    callback builds its monitor at the first training step: a misspelt option would otherwise
+    fail there, inside ``fit`` / ``train``)."""
+    import inspect
+
+    from kappa_gpu._estimate import estimate
+
+    if kwargs.get("estimator") is not None:
+        return  # a custom estimator takes what it takes
+    own = {"model", "optimizer", "loss_fn", "estimate_kwargs"}
+    mon = [k for k in inspect.signature(KappaMonitor).parameters if k not in own]
+    est = [k for k in inspect.signature(estimate).parameters
+           if k not in {"model", "optimizer", "loss_fn", "batch", "generator", "warm_start"}
+           and k not in mon]
+    unknown = [k for k in kwargs if k not in mon and k not in est]
+    if unknown:
+        raise TypeError(
+            f"{owner}: unknown KappaMonitor option(s) {unknown}; monitor options: "
+            f"{', '.join(mon)}; estimator options: {', '.join(est)}"
+        )
+
+
+def clipping_note(where: str, value: Any) -> str | None:
+    """The log line for a trainer that clips gradients (``value``: its threshold), or None."""
+    try:
+        clip = float(value) if value is not None else 0.0
+    except (TypeError, ValueError):
+        return None
+    if not clip > 0 or not math.isfinite(clip):
+        return None
+    return (
+        f"{where}={clip:g}: the trainer clips gradients, and kappa_gpu analyses the unclipped "
+        "optimizer step. In a step where the gradient's norm exceeds the threshold the real "
+        "update is scaled down (and its Jacobian changes with it), so the estimates describe the "
+        f"update without clipping; set {where} to 0/None to analyse exactly what runs"
+    )
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -84,6 +85,38 @@ def test_lightning_callback_in_trainer_fit(tmp_path):
     }
 
 
+def test_lightning_callback_checks_its_arguments_before_training():
+    """A misspelt monitor option fails at construction, not inside fit; an optimizer index the
+    trainer does not have is named at train start, not an IndexError."""
+    L = pytest.importorskip("lightning", reason="pip install kappa-gpu[lightning]")
+    from kappa_gpu.integrations.lightning import KappaCallback
+
+    with pytest.raises(TypeError, match="unknown KappaMonitor option.*evry"):
+        KappaCallback(F.cross_entropy, evry=3)
+    with pytest.raises(ValueError, match="optimizer_index"):
+        KappaCallback(F.cross_entropy, optimizer_index=-1)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    cb = KappaCallback(F.cross_entropy, optimizer_index=1, log=False, **ESTIMATE_KW)
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"optimizer_index=1\): the trainer has 1 optimizer"):
+        trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=4))
+
+
 def test_lightning_gradient_accumulation_counts_optimizer_steps():
     L = pytest.importorskip("lightning", reason="pip install kappa-gpu[lightning]")
     from kappa_gpu.integrations.lightning import KappaCallback
@@ -142,7 +175,7 @@ class _TokenDataset(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("own_loss", [True, False], ids=["model-loss", "loss_fn"])
-def test_hf_callback_in_trainer_train(tmp_path, own_loss):
+def test_hf_callback_in_trainer_train(tmp_path, own_loss, caplog):
     transformers, model = _tiny_gpt2()
     from kappa_gpu.integrations.hf import KappaTrainerCallback
 
@@ -163,14 +196,25 @@ def test_hf_callback_in_trainer_train(tmp_path, own_loss):
     )
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=8,
-        learning_rate=1e-3, lr_scheduler_type="constant", optim="adamw_torch", use_cpu=True,
+        learning_rate=1e-3, lr_scheduler_type="constant", use_cpu=True,
+        # plain SGD has no exceptional point: its nearest_ep_ratio is NaN
+        optim="adamw_torch" if own_loss else "sgd",
         report_to=[], save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
     )  # fmt: skip
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
-    trainer.train()
+    with caplog.at_level("WARNING", logger="kappa_gpu"):
+        trainer.train()
     _assert_records(cb.records, 3)
     assert [r.step for r in cb.records] == [2, 4, 6]
-    assert isinstance(cb.monitor.optimizer, torch.optim.AdamW)  # unwrapped from accelerate
+    # unwrapped from accelerate
+    assert type(cb.monitor.optimizer) is (torch.optim.AdamW if own_loss else torch.optim.SGD)
+    # The Trainer clips by default (max_grad_norm=1.0); kappa_gpu's step is unclipped: said once.
+    assert caplog.text.count("max_grad_norm=1: the trainer clips gradients") == 1
+    # trainer_state.json stays strict JSON: only finite values enter log_history.
+    json.dumps(trainer.state.log_history, allow_nan=False)
+    if not own_loss:
+        assert all(math.isnan(r.nearest_ep_ratio) for r in cb.records)
+        assert not any("kappa/nearest_ep_ratio" in h for h in trainer.state.log_history)
     with torch.no_grad():
         expected = model(**probe).loss.item()
     assert cb.records[-1].loss == pytest.approx(expected, rel=1e-5)
@@ -185,6 +229,8 @@ def test_hf_callback_needs_a_batch_source():
 
     with pytest.raises(ValueError, match="probe_batch"):
         KappaTrainerCallback()
+    with pytest.raises(TypeError, match="unknown KappaMonitor option.*evry"):
+        KappaTrainerCallback({"input_ids": torch.zeros(1, 2)}, evry=3)
 
 
 def test_hf_unwrap_optimizer():

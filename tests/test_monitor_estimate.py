@@ -264,3 +264,62 @@ def test_budget_caps_maxiter_and_flags():
     assert all(r.ok for r in records), [r.error for r in records]
     assert all(r.maxiter == 1 for r in records)  # the smallest cap the solver takes
     assert all(r.budget_limited for r in records)  # 0.1 ms cannot be met
+
+
+def test_inside_autocast_the_estimate_is_the_same():
+    """A mixed-precision loop calls the monitor inside its torch.autocast region: every estimate
+    failed there ("addmv input tensors must have the same dtype"). kappa_gpu computes in the
+    model's dtype wherever it is called from: the same numbers as outside, and the region is
+    still on afterwards."""
+    import kappa_gpu as kg
+
+    data = make_data(n_batches=3)
+    torch.manual_seed(0)
+    model = make_model("mlp")
+    opt = make_optimizer("sgd_momentum", model)
+    train(model, opt, data)
+    x, y = data[-1]
+    ref = kg.estimate(model, opt, F.cross_entropy, (x, y), k=2, generator=torch.Generator())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rep = kg.estimate(model, opt, F.cross_entropy, (x, y), k=2,
+                          generator=torch.Generator())
+        mon = KappaMonitor(model, opt, F.cross_entropy, every=1, k=2, warm_start=False)
+        rec = mon.step((x, y))
+        assert torch.is_autocast_enabled("cpu")
+    assert rep.kappa_V == ref.kappa_V and (rep.eigenvalues == ref.eigenvalues).all()
+    assert rec.ok, rec.error
+    assert rec.kappa_V == pytest.approx(ref.kappa_V, rel=1e-4)
+
+
+def test_namedtuple_and_defaultdict_batches_keep_their_type():
+    """The monitor moves the batch to the model's device; it rebuilt namedtuples (PackedSequence
+    among them) as plain tuples, so a model reading batch.x failed where kg.estimate worked."""
+    import collections
+
+    import kappa_gpu as kg
+
+    Batch = collections.namedtuple("Batch", "x y")
+
+    class ByName(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model("mlp")
+
+        def forward(self, b):
+            return self.net(b["x"] if isinstance(b, dict) else b.x)
+
+    data = make_data(n_batches=3)
+    torch.manual_seed(0)
+    model = ByName()
+    opt = make_optimizer("sgd_momentum", model)
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model.net(x), y).backward()
+        opt.step()
+    x, y = data[-1]
+    dd = collections.defaultdict(list, x=x)
+    for inputs in (Batch(x, y), dd):
+        ref = kg.estimate(model, opt, F.cross_entropy, (inputs, y), k=2)
+        rec = KappaMonitor(model, opt, F.cross_entropy, every=1, k=2).step((inputs, y))
+        assert rec.ok, rec.error
+        assert rec.kappa_V == pytest.approx(ref.kappa_V, rel=1e-4)

@@ -34,18 +34,30 @@ Design decisions (the Trainer does not hand the batch to callbacks):
   ``zero_grad``), step number ``state.global_step``, only where ``state.is_world_process_zero``.
 * **Output.** Records go to :attr:`KappaTrainerCallback.records`, to the monitor's files with
   ``log_dir``, and (``log_history=True``) as ``{"step": ..., "kappa/<name>": ...}`` entries
-  appended to ``state.log_history`` (saved in ``trainer_state.json``). The Trainer's own logging
-  cadence is not touched (no ``control.should_log``).
+  appended to ``state.log_history`` (saved in ``trainer_state.json``; finite values only, as
+  that file must stay strict JSON: a failed estimate's NaN fields, or an infinite kappa_V, are
+  in the records and the JSONL file).
+* **Gradient clipping.** The Trainer clips gradients by default (``max_grad_norm=1.0``);
+  kappa_gpu analyses the unclipped step (a warning says so once). Where clipping is active the
+  real update is scaled down; set ``max_grad_norm=0`` to analyse exactly what runs.
+* The Trainer's own logging cadence is not touched (no ``control.should_log``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from kappa_gpu._monitor import KappaMonitor, MonitorRecord
+from kappa_gpu._monitor import (
+    KappaMonitor,
+    MonitorRecord,
+    check_monitor_kwargs,
+    clipping_note,
+    logger,
+)
 
 try:
     from transformers import TrainerCallback
@@ -187,6 +199,7 @@ class KappaTrainerCallback(TrainerCallback):
             raise TypeError(
                 f"probe_batch must be a dict of model inputs, got {type(probe_batch).__name__}"
             )
+        check_monitor_kwargs("KappaTrainerCallback", **monitor_kwargs)
         self.probe_batch = probe_batch
         self.batch_fn = batch_fn
         self.loss_fn = loss_fn
@@ -237,6 +250,9 @@ class KappaTrainerCallback(TrainerCallback):
         if self.monitor is None:
             if model is None or optimizer is None:
                 return
+            note = clipping_note("max_grad_norm", getattr(args, "max_grad_norm", None))
+            if note:
+                logger.warning("KappaTrainerCallback: %s", note)
             self._build(model, optimizer)
         assert self.monitor is not None and self.adapter is not None
         # Keep the wrapper's flag in step with the model's (not .train(): it would recurse).
@@ -249,7 +265,11 @@ class KappaTrainerCallback(TrainerCallback):
         if record is not None and self.log_history:
             entry: dict[str, Any] = {"step": int(state.global_step)}
             values = record.scalars()
-            entry.update({f"{self.prefix}{name}": values[name] for name in LOGGED})
+            # Finite numbers only: trainer_state.json is written with json.dump, where NaN and
+            # inf become bare NaN / Infinity tokens that strict JSON readers reject (the
+            # monitor's JSONL file keeps them, as strings).
+            entry.update({f"{self.prefix}{name}": values[name] for name in LOGGED
+                          if math.isfinite(values[name])})
             state.log_history.append(entry)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -22,6 +22,9 @@ How it plugs in:
   logged with ``pl_module.log(..., rank_zero_only=True, on_step=True, on_epoch=False)`` under
   ``"{prefix}{name}"`` (default ``"kappa/rho"``, ``"kappa/kappa_V"``, ...); the full records are
   in :attr:`KappaCallback.records` and, with ``log_dir``, in the monitor's JSONL file.
+* Gradient clipping (``Trainer(gradient_clip_val=...)``) is not part of the analysed step: a
+  warning says so once at train start (where clipping is active, the real update is scaled
+  down).
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ from typing import Any
 
 import torch
 
-from kappa_gpu._monitor import KappaMonitor, MonitorRecord
+from kappa_gpu._monitor import (
+    KappaMonitor,
+    MonitorRecord,
+    check_monitor_kwargs,
+    clipping_note,
+    logger,
+)
 
 try:
     from lightning.pytorch import Callback
@@ -87,6 +96,10 @@ class KappaCallback(Callback):
         super().__init__()
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(pl_module(inputs), targets)")
+        if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) \
+                or optimizer_index < 0:
+            raise ValueError(f"optimizer_index must be an int >= 0, got {optimizer_index!r}")
+        check_monitor_kwargs("KappaCallback", **monitor_kwargs)
         self.loss_fn = loss_fn
         self.every = every
         self.k = k
@@ -108,6 +121,14 @@ class KappaCallback(Callback):
         optimizers = trainer.optimizers
         if not optimizers:
             raise RuntimeError("KappaCallback: the trainer has no optimizer")
+        if self.optimizer_index >= len(optimizers):
+            raise ValueError(
+                f"KappaCallback(optimizer_index={self.optimizer_index}): the trainer has "
+                f"{len(optimizers)} optimizer(s), indices 0..{len(optimizers) - 1}"
+            )
+        note = clipping_note("gradient_clip_val", getattr(trainer, "gradient_clip_val", None))
+        if note:
+            logger.warning("KappaCallback: %s", note)
         opt = optimizers[self.optimizer_index]
         opt = getattr(opt, "_optimizer", opt)  # a LightningOptimizer wraps the torch one
         self.monitor = KappaMonitor(

@@ -85,6 +85,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_map
 
+from kappa_gpu._autocast import autocast_off, without_autocast
 from kappa_gpu._distributed import Communicator, checksum, resolve_model
 from kappa_gpu._linop import LinearOperator
 from kappa_gpu.operators._validate import (
@@ -347,16 +348,17 @@ class _HVPEngine:
 
     @contextlib.contextmanager
     def _seeded(self) -> Iterator[None]:
-        """Fork the global RNG and seed it with the operator's seed (restored on exit)."""
+        """Fork the global RNG and seed it with the operator's seed (restored on exit); autocast
+        off (the products are in the model's dtype inside a mixed-precision region too)."""
         dev = self.device
         if dev.type == "cpu":
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), autocast_off():
                 torch.default_generator.manual_seed(self.seed)
                 yield
             return
         mod = torch.get_device_module(dev.type)
         idx = dev.index if dev.index is not None else mod.current_device()
-        with torch.random.fork_rng(devices=[idx], device_type=dev.type):
+        with torch.random.fork_rng(devices=[idx], device_type=dev.type), autocast_off():
             torch.default_generator.manual_seed(self.seed)
             with mod.device(idx):
                 mod.manual_seed(self.seed)
@@ -545,6 +547,7 @@ class _HVPEngine:
         return torch.cat([t.reshape(-1).to(self.dtype) for t in ts])
 
     # -- products --------------------------------------------------------------------------
+    @without_autocast
     def hvp(self, V: torch.Tensor) -> torch.Tensor:
         """``H @ V`` for ``V`` of shape ``(n,)`` or ``(n, s)``; costs one HVP per column.
 

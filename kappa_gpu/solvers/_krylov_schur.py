@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kappa_gpu._autocast import without_autocast
 from kappa_gpu._linop import LinearOperator
 from kappa_gpu.solvers._basis import KrylovBasis
 from kappa_gpu.solvers._common import (
@@ -252,6 +253,7 @@ def _match_left(z: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return idx, dist
 
 
+@without_autocast
 def eigs(
     A: LinearOperator,
     k: int = 6,

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from kappa_gpu._autocast import without_autocast
 from kappa_gpu._linop import LinearOperator
 from kappa_gpu.solvers._basis import KrylovBasis
 from kappa_gpu.solvers._common import (
@@ -56,6 +57,7 @@ __all__ = ["eigsh"]
 _REORTH = ("full", "selective")
 
 
+@without_autocast
 def eigsh(
     A: LinearOperator,
     k: int = 6,
