@@ -325,7 +325,7 @@ def estimate(
 
     residuals = out["residuals"]
     converged = out["converged"]
-    msgs = [m for m in out["messages"] if m]
+    msgs = [m for m in out["messages"] if m] + list(getattr(op, "notes", []))
     if k > op.n_params - 2:  # the solvers' cap (structured: n - 2 modes; arnoldi: N - 2 values)
         msgs.append(
             f"k={k} modes per side asked, {len(out['s'])} computed: a Krylov solver finds at "

@@ -833,3 +833,110 @@ def test_bad_batch_names_the_shapes():
         update_operator(model, opt, loss_fn, [x])
     with pytest.raises(BatchError, match="scalar"):
         update_operator(model, opt, lambda o, t: (o - t) ** 2, (x, y))
+
+
+# -- what the operator leaves out of the real step, said; what it includes, exact ---------------
+def _tiny_sgd_with_unused(weight_decay=0.1):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    m.unused_w = nn.Parameter(torch.randn(2, 2, dtype=torch.float64))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=weight_decay)
+    return m, opt, (x, y)
+
+
+def test_a_zero_gradient_from_zero_grad_without_none_is_stepped():
+    """zero_grad(set_to_none=False) leaves a parameter the loss does not reach with a zero
+    .grad, and SGD's step still applies momentum and weight decay to it (step() takes every
+    parameter whose .grad is not None). Oracle: central differences of the real step
+    (J was the identity on it: 3e-2 off)."""
+    m, opt, (x, y) = _tiny_sgd_with_unused()
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def step(model, o):
+        o.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        o.step()
+
+    step(m, opt)
+    step(m, opt)
+    params = list(m.parameters())
+    J = update_operator(m, opt, F.cross_entropy, (x, y))
+    s0 = J.state_vector()
+    v = torch.randn(s0.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def state_map(s):
+        m2, o2 = copy.deepcopy((m, opt))
+        p2 = list(m2.parameters())
+        for q, p in zip(p2, params, strict=True):
+            q.grad = torch.zeros_like(p)
+        n = sum(p.numel() for p in params)
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(s[:n], p2)
+            torch.nn.utils.vector_to_parameters(s[n:], [o2.state[q]["momentum_buffer"] for q in p2])
+        step(m2, o2)
+        return torch.cat([torch.nn.utils.parameters_to_vector(p2),
+                          torch.nn.utils.parameters_to_vector(
+                              [o2.state[q]["momentum_buffer"] for q in p2])])
+
+    h = 1e-6
+    fd = (state_map(s0 + h * v) - state_map(s0 - h * v)) / (2 * h)
+    assert rel_err(J.matvec(v), fd) < 1e-8
+
+
+def test_hooks_and_mutated_buffers_are_said_not_silent():
+    """Gradient hooks and optimizer step hooks do not run in the operator (it differentiates the
+    loss itself), and spectral_norm's power iteration in train mode mutates its buffers: J is
+    then not the real step's Jacobian (hooks halving the gradient: (J - I) v off by 2x). A
+    warning says so, and estimate's message carries it; a plain model gets neither."""
+    import kappa_gpu as kg
+
+    m, opt, batch = _tiny_sgd_with_unused(weight_decay=0.0)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(m(batch[0]), batch[1]).backward()
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        update_operator(m, opt, F.cross_entropy, batch)  # nothing to say
+    handle = m[0].weight.register_hook(lambda g: 0.5 * g)
+    with pytest.warns(UserWarning, match="1 parameter.*gradient hooks"):
+        J = update_operator(m, opt, F.cross_entropy, batch)
+    assert J.notes and "gradient hooks" in J.notes[0]
+    with pytest.warns(UserWarning, match="gradient hooks"):
+        rep = kg.estimate(m, opt, F.cross_entropy, batch, k=2)
+    assert "gradient hooks" in rep.message
+    handle.remove()
+    handle = opt.register_step_pre_hook(lambda o, args, kwargs: None)
+    with pytest.warns(UserWarning, match="1 step pre-hook"):
+        update_operator(m, opt, F.cross_entropy, batch)
+    handle.remove()
+
+    torch.manual_seed(0)
+    sn = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 8)), nn.Tanh(),
+                       nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(sn.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(sn(batch[0]), batch[1]).backward()
+        opt.step()
+    with pytest.warns(UserWarning, match=r"updates buffer\(s\) .*_u"):
+        update_operator(sn, opt, F.cross_entropy, batch)
+    sn.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        update_operator(sn, opt, F.cross_entropy, batch)
+
+
+def test_sparse_gradients_are_refused_at_the_door():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3)).double()
+    x, y = torch.randint(0, 10, (6, 2)), torch.randint(0, 3, (6,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+    with pytest.raises(UnsupportedConfigurationError, match="sparse=True"):
+        update_operator(m, opt, F.cross_entropy, (x, y))

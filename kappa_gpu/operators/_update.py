@@ -50,6 +50,7 @@ formulas regrouped per segment: equal to the torch path up to float rounding, no
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -201,6 +202,9 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         self.blocks = blocks
         self.kind = kind
         self.variant = variant
+        #: what the operator leaves out of the real step (hooks, mutated buffers); estimate
+        #: puts these into its report's message
+        self.notes: list[str] = []
         self.seed = engine.seed
         self._ht = hessian
         self._coefs = coefs
@@ -525,7 +529,8 @@ def update_operator(
           :class:`StaleOperatorError`;
         - a parameter the loss does not reach (autograd gradient None) is skipped by
           ``optimizer.step()`` after ``zero_grad()``, so its rows of J are the identity (0 for
-          state it never had); ``structure().active`` marks it;
+          state it never had); ``structure().active`` marks it. One whose ``.grad`` is a tensor
+          (``zero_grad(set_to_none=False)`` leaves zeros) is stepped, as ``step()`` does;
         - under ``torch.distributed`` (:mod:`kappa_gpu._distributed`): a DDP model is
           unwrapped to ``model.module`` and each product is the mean over the ranks of the
           products of their own losses on their own batches; with mean-reduced losses on
@@ -539,7 +544,13 @@ def update_operator(
         UnsupportedOptimizerError: not SGD/Adam/AdamW.
         UnsupportedConfigurationError: amsgrad, mixed ``maximize`` across groups, a bad
             ``variant``, parameters on several devices, FSDP/FSDP2/DTensor-sharded models,
-            SyncBatchNorm in train mode under a process group.
+            SyncBatchNorm in train mode under a process group, modules with sparse gradients
+            (``nn.Embedding(sparse=True)``).
+
+    Warns:
+        UserWarning: for what the operator does not model (also in ``op.notes``, and in
+            :func:`kappa_gpu.estimate`'s message): gradient hooks on the parameters, optimizer
+            step hooks, buffers the forward pass mutates in place.
         MissingOptimizerStateError: no momentum buffer / moments yet: take one step first.
         ParameterMismatchError: the optimizer's parameters are not the model's.
         NoTrainableParametersError: nothing with ``requires_grad=True``.
@@ -607,6 +618,7 @@ def update_operator(
 
     params = [p for p, _ in entries]
     groups = [g for _, g in entries]
+    _check_dense_gradients(model, params)
     key = "momentum_buffer" if kind == "sgd" else "exp_avg"
     needs_state = kind == "adam" or any(scalar(g["momentum"]) != 0.0 for g in groups)
     # cheap check first: a fresh optimizer fails before any gradient is computed
@@ -618,8 +630,11 @@ def update_operator(
         hvp=hvp,
     )
     g = engine.gradient()
-    # a parameter the loss does not reach gets grad None: optimizer.step() skips it
-    active_list = [not u for u in engine.unused]
+    # A parameter the loss does not reach gets grad None, and optimizer.step() skips it; but
+    # step() takes every parameter whose .grad is not None: a zero gradient left by
+    # zero_grad(set_to_none=False) still gets momentum and weight decay.
+    active_list = [not u or p.grad is not None
+                   for u, p in zip(engine.unused, params, strict=True)]
     has_state = [optimizer.state.get(p, {}).get(key) is not None for p in params]
     if needs_state:
         for p, group, act, has in zip(params, groups, active_list, has_state, strict=True):
@@ -640,10 +655,70 @@ def update_operator(
         logger.debug("update operator (%s): fused CuPy kernels: %s", kind, reason)
     bk = (backend, chosen, reason)
     if kind == "sgd":
-        return _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign, bk)
-    return _adam(
-        engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, bk
-    )
+        op = _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign, bk)
+    else:
+        op = _adam(
+            engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, bk
+        )
+    op.notes = _left_out(params, optimizer, sorted(engine._mutable))
+    for note in op.notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return op
+
+
+def _hook_count(hooks: Any) -> int:
+    return len(hooks) if hooks else 0
+
+
+def _left_out(params: list[torch.Tensor], optimizer, mutated: list[str]) -> list[str]:
+    """What of the real ``optimizer.step()`` the operator does not model, as report notes:
+    gradient hooks and optimizer step hooks (the operator differentiates the loss itself, so
+    hooks that rescale or clip gradients never run in it), and buffers the forward pass
+    mutates (held at their current values, while the real step's forward updates them)."""
+    notes = []
+    tensor_hooks = sum(1 for p in params if _hook_count(getattr(p, "_backward_hooks", None))
+                       or _hook_count(getattr(p, "_post_accumulate_grad_hooks", None)))
+    if tensor_hooks:
+        notes.append(
+            f"{tensor_hooks} parameter(s) carry gradient hooks (register_hook / "
+            "register_post_accumulate_grad_hook): the operator differentiates the loss itself "
+            "and does not run them, so a hook that rescales, clips or edits gradients is not "
+            "in J"
+        )
+    from torch.optim import optimizer as _optim
+
+    pre = _hook_count(getattr(optimizer, "_optimizer_step_pre_hooks", None)) + _hook_count(
+        getattr(_optim, "_global_optimizer_pre_hooks", None))
+    post = _hook_count(getattr(optimizer, "_optimizer_step_post_hooks", None)) + _hook_count(
+        getattr(_optim, "_global_optimizer_post_hooks", None))
+    if pre or post:
+        notes.append(
+            f"the optimizer has {pre} step pre-hook(s) and {post} post-hook(s): J is the "
+            "Jacobian of its update rule alone; a hook that changes gradients or parameters "
+            "is not in J"
+        )
+    if mutated:
+        notes.append(
+            f"the forward pass updates buffer(s) {', '.join(mutated)} in place (e.g. "
+            "spectral_norm's power iteration in train mode): J holds them at their current "
+            "values, while in the real step they follow the weights; for the exact Jacobian "
+            "estimate with those modules in eval mode"
+        )
+    return notes
+
+
+def _check_dense_gradients(model: torch.nn.Module, params: list[torch.Tensor]) -> None:
+    """Sparse gradients (``nn.Embedding(sparse=True)``, ``EmbeddingBag``) are refused at the
+    door: the operator's vectors are dense (the flattening failed with a bare RuntimeError)."""
+    ids = {id(p) for p in params}
+    for name, mod in model.named_modules():
+        if getattr(mod, "sparse", False) is True and any(
+                id(p) in ids for p in mod.parameters(recurse=False)):
+            raise UnsupportedConfigurationError(
+                f"module {name or type(mod).__name__!r} ({type(mod).__name__}) has sparse=True: "
+                "its gradients are sparse tensors, which the operator does not take; estimate "
+                "on the model with sparse=False (the same loss; a dense gradient)"
+            )
 
 
 def _missing_state(optimizer, kind: str, p: torch.Tensor, group: dict):
