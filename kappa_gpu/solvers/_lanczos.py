@@ -100,12 +100,9 @@ def eigsh(
             non-symmetric products) is said in ``status``.
         reorth: ``"full"`` or ``"selective"`` (see the module docstring).
         block_size: ``s > 1``: block Lanczos, ``s`` columns per ``A.matmat`` (one batched HVP).
-            Repeated eigenvalues: a single start vector meets each eigenspace along one
-            direction, so further copies of a repeated eigenvalue enter the basis only
-            through rounding and can be missed: the next distinct value is returned in
-            their place, flagged converged (ARPACK can miss them too; its end-of-cycle
-            test leaves rounding more steps to bring them in). With multiplicities up to
-            ``m``, use ``block_size >= m``.
+            With ``s = 1`` copies of a repeated eigenvalue can be missed (the next
+            distinct value returned in their place, converged), as :func:`eigs`' docs
+            explain; for multiplicities up to ``m`` use ``block_size >= m``.
         generator: ``torch.Generator`` for random start/breakdown vectors.
         strict: raise :class:`ConvergenceError` if not all converged.
 
