@@ -641,8 +641,7 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
     return out
 
 
-#: which hyper-parameters set each block coefficient (DESIGN.md section 3)
-#: What each block coefficient of M(s) is made of, per optimizer kind.
+#: which hyper-parameters set each block coefficient (DESIGN.md section 3), per optimizer kind
 _COEFFICIENT_SOURCES = {
     "sgd": {"beta": "momentum", "b": "momentum", "a": "dampening or nesterov",
             "a2": "dampening", "c": "weight decay"},
