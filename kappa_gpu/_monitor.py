@@ -615,6 +615,7 @@ class KappaMonitor:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._logged_failure_types: set[str] = set()
         self._lr_zero_logged = False
+        self._bad_loss_logged = False
         self._kappa_history: collections.deque[float] = collections.deque(maxlen=self.rules.window)
 
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
@@ -854,7 +855,17 @@ class KappaMonitor:
                 if device.type == "cuda":  # queued training kernels count as training time
                     torch.cuda.synchronize(device)
                     t0 = time.perf_counter()
-                loss_value = _as_float(loss) if loss is not None else float("nan")
+                try:
+                    loss_value = _as_float(loss) if loss is not None else float("nan")
+                except (TypeError, ValueError, RuntimeError) as exc:
+                    # The record's loss field only: not a reason to lose the estimate.
+                    if not self._bad_loss_logged:
+                        self._bad_loss_logged = True
+                        logger.warning(
+                            "KappaMonitor: loss=%.60r is not a number (%s: %s); ignored, the "
+                            "record's loss is the monitor's own evaluation", loss,
+                            type(exc).__name__, exc)
+                    loss = None
                 if loss is None and self.compute_loss:
                     loss_value = self._loss_value(batch)
                 maxiter = self._budget_maxiter()

@@ -184,6 +184,21 @@ def test_record_fields_and_loss():
     assert d["status"] == "ok" and d["warnings"] == []
 
 
+def test_a_loss_that_is_not_a_number_does_not_cost_the_estimate(caplog):
+    """loss= only fills the record's loss field: a value float() cannot read (a string, a
+    multi-element object) is logged once and replaced by the monitor's own evaluation; the
+    estimate still runs (it used to become an error record)."""
+    model, opt, loss_fn, batch = setup()
+    mon = KappaMonitor(model, opt, loss_fn, every=1, estimator=StubEstimator())
+    with caplog.at_level(logging.WARNING, logger="kappa_gpu"):
+        recs = [mon.step(batch, loss="abc"), mon.step(batch, loss=object())]
+    assert all(r.status == "ok" for r in recs), [r.error for r in recs]
+    with torch.no_grad():
+        own = loss_fn(model(batch[0]), batch[1]).item()
+    assert all(r.loss == pytest.approx(own, rel=1e-6) for r in recs)
+    assert caplog.text.count("is not a number") == 1
+
+
 def test_batch_callable_evaluated_only_when_due():
     model, opt, loss_fn, batch = setup()
     calls = []
