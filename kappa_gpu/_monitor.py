@@ -348,15 +348,12 @@ def check_monitor_kwargs(owner: str, **kwargs: Any) -> None:
     fail there, inside ``fit`` / ``train``)."""
     import inspect
 
-    from kappa_gpu._estimate import estimate
-
     if kwargs.get("estimator") is not None:
         return  # a custom estimator takes what it takes
     own = {"model", "optimizer", "loss_fn", "estimate_kwargs"}
     mon = [k for k in inspect.signature(KappaMonitor).parameters if k not in own]
-    est = [k for k in inspect.signature(estimate).parameters
-           if k not in {"model", "optimizer", "loss_fn", "batch", "generator", "warm_start"}
-           and k not in mon]
+    # generator is the monitor's own (reserved); the rest go on to estimate
+    est = sorted(_estimate_options() - set(mon) - {"generator"})
     unknown = [k for k in kwargs if k not in mon and k not in est]
     if unknown:
         raise TypeError(
@@ -409,15 +406,22 @@ def _as_float(x: Any) -> float:
     return float(x)
 
 
-def _check_estimate_arguments(method: str, modes: str, kwargs: dict[str, Any]) -> None:
-    """What :func:`kappa_gpu.estimate` would reject, rejected when the monitor is built."""
+def _estimate_options() -> set[str]:
+    """The keyword arguments of :func:`kappa_gpu.estimate` a monitor may pass on."""
     import inspect
 
-    from kappa_gpu._estimate import check_arguments, estimate
+    from kappa_gpu._estimate import estimate
+
+    return set(inspect.signature(estimate).parameters) - {"model", "optimizer", "loss_fn",
+                                                          "batch"}
+
+
+def _check_estimate_arguments(method: str, modes: str, kwargs: dict[str, Any]) -> None:
+    """What :func:`kappa_gpu.estimate` would reject, rejected when the monitor is built."""
+    from kappa_gpu._estimate import check_arguments
 
     check_arguments(method, modes, kwargs.get("tol"))
-    known = set(inspect.signature(estimate).parameters) - {"model", "optimizer", "loss_fn",
-                                                           "batch"}
+    known = _estimate_options()
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(

@@ -225,9 +225,11 @@ def _condition_in_projection(hessenberg: np.ndarray, z: np.ndarray) -> float:
     for a defective one."""
     import scipy.linalg
 
+    from kappa_gpu.diagnostics._conditioning import eigenvalue_condition_numbers
+
     m = hessenberg.shape[1]
     w, vl, vr = scipy.linalg.eig(hessenberg[:m, :m], left=True, right=True)
-    c = 1.0 / np.maximum(np.abs(np.sum(vl.conj() * vr, axis=0)), 1e-300)
+    c = eigenvalue_condition_numbers(vr, vl).numpy()
     idx = [int(np.argmin(np.abs(w - zi))) for zi in np.atleast_1d(z)]
     return float(np.max(c[idx])) if idx else 1.0
 
