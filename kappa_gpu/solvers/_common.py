@@ -330,13 +330,21 @@ KEPT_FIRST_NOTE = (
 )
 
 
-def noisy_note(n: int, cause: str) -> str:
+def residual_miss_note(n: int, why: str) -> str:
     """Status note: ``n`` pairs passed the Ritz test but their true residuals exceed tol by
-    more than the products' rounding; ``cause``: what the operator's products do."""
+    more than the products' rounding; ``why``: the explanation."""
     return (
         f"; {n} pair(s) passed the Ritz-estimate test but their true residuals (.residuals) "
-        f"exceed tol: the operator's products {cause} (a non-deterministic product, float32 "
-        "rounding of a long sum); loosen tol or use float64"
+        f"exceed tol: {why}"
+    )
+
+
+def noisy_note(n: int, cause: str) -> str:
+    """:func:`residual_miss_note` for noisy products; ``cause``: what the operator's products
+    do."""
+    return residual_miss_note(
+        n, f"the operator's products {cause} (a non-deterministic product, float32 rounding "
+        "of a long sum); loosen tol or use float64"
     )
 
 

@@ -52,6 +52,7 @@ from kappa_gpu.solvers._common import (
     expand_cycle,
     noisy_note,
     not_converged_message,
+    residual_miss_note,
     resolve_tol,
     ritz_vectors,
     start_block,
@@ -403,12 +404,12 @@ def eigs(
         if cond >= 0.1 / math.sqrt(eps_a):
             # Not noise: a (nearly) defective eigenvalue, whose computed eigenvectors are
             # parallel to about sqrt(eps) and whose residuals stall near sqrt(eps) |z|.
-            status += (
-                f"; {int(over.sum())} pair(s) passed the Ritz-estimate test but their true "
-                f"residuals (.residuals) exceed tol: their eigenvalues are (nearly) defective "
-                f"(condition number {cond:.1e} in the Krylov projection: an exceptional point "
-                "or a Jordan block, eigenvectors parallel to rounding), where no eigenvector "
-                "has a small residual; not a matter of ncv or maxiter"
+            status += residual_miss_note(
+                int(over.sum()),
+                f"their eigenvalues are (nearly) defective (condition number {cond:.1e} in the "
+                "Krylov projection: an exceptional point or a Jordan block, eigenvectors "
+                "parallel to rounding), where no eigenvector has a small residual; not a matter "
+                "of ncv or maxiter",
             )
         else:
             status += noisy_note(int(over.sum()), "carry errors of that size")
