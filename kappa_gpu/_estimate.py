@@ -124,6 +124,8 @@ def estimate(
     process_group: Any = None,
     backend: str = "auto",
     hvp: str = "auto",
+    clip_grad_norm: float | None = None,
+    clip_grad_value: float | None = None,
 ) -> KappaReport:
     """How non-normal is the optimizer's update right now, and can the number be trusted?
 
@@ -178,6 +180,11 @@ def estimate(
             2-3x faster on a CPU, and the lower peak memory in ``bench/bench_scaling.py``) or
             ``"forward"`` (``jvp`` of ``grad``, nothing kept between products); see
             :func:`~kappa_gpu.update_operator`.
+        clip_grad_norm, clip_grad_value: the threshold of the gradient clipping the training
+            step runs before ``optimizer.step()`` (``torch.nn.utils.clip_grad_norm_`` /
+            ``clip_grad_value_``; at most one), so that J is the clipped step's Jacobian (see
+            :func:`~kappa_gpu.update_operator`). Where the clip is active at this point the
+            structured path does not apply (``auto`` runs arnoldi) and the message says so.
 
     Returns:
         A :class:`KappaReport`. It never raises for non-convergence: ``converged`` and
@@ -209,7 +216,9 @@ def estimate(
         )
 
     op = update_operator(model, optimizer, loss_fn, batch, variant=variant, seed=seed, dtype=dtype,
-                         process_group=process_group, backend=backend, hvp=hvp)
+                         process_group=process_group, backend=backend, hvp=hvp,
+                         clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value)
+    clipped = op.clip is not None and op.clip.active
     if op.dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"estimate: the parameters are {op.dtype}; the Krylov vectors need float32 or "
@@ -224,11 +233,14 @@ def estimate(
     broadcast_generator(generator, communicator_of(op))  # same start vectors on every rank
     structure = op.structure()
     frozen_structure = structure
-    if structure is None and op.kind in ("adam", "adamw"):
-        # Adam full: the frozen operator's blocks are the starting guess and the EP yardstick.
+    if structure is None and (op.kind in ("adam", "adamw") or clipped):
+        # Adam full, or an active clip: the frozen, unclipped operator's blocks are the starting
+        # guess and the EP yardstick (a clip changes the curvature C H, not the block
+        # coefficients, so the yardstick is exact for SGD).
         frozen_structure = update_operator(
-            model, optimizer, loss_fn, batch, variant="frozen", seed=seed, dtype=dtype,
-            process_group=process_group, hvp="forward",  # no products: keep no graph
+            model, optimizer, loss_fn, batch, variant=None if op.kind == "sgd" else "frozen",
+            seed=seed, dtype=dtype, process_group=process_group,
+            hvp="forward",  # no products: keep no graph
         ).structure()
     if frozen_structure is not None and not bool(torch.any(frozen_structure.D > 0)):
         raise ValueError(
@@ -238,11 +250,12 @@ def estimate(
         )
     usable = structure is not None and structure.uniform
     if method == "structured" and not usable:
-        why = (
-            "the full Adam variant has no 2x2 block structure"
-            if structure is None
-            else "block coefficients differ between parameter groups"
-        )
+        if clipped:
+            why = op.clip.describe()
+        elif structure is None:
+            why = "the full Adam variant has no 2x2 block structure"
+        else:
+            why = "block coefficients differ between parameter groups"
         raise ValueError(f"method='structured' does not apply here: {why}; use method='arnoldi'")
     structured = method == "structured" or (method == "auto" and usable)
     chosen = "structured" if structured else "arnoldi"
@@ -326,6 +339,8 @@ def estimate(
     residuals = out["residuals"]
     converged = out["converged"]
     msgs = [m for m in out["messages"] if m] + list(getattr(op, "notes", []))
+    if op.clip is not None:
+        msgs.append(op.clip.describe())
     if k > op.n_params - 2:  # the solvers' cap (structured: n - 2 modes; arnoldi: N - 2 values)
         msgs.append(
             f"k={k} modes per side asked, {len(out['s'])} computed: a Krylov solver finds at "
@@ -426,8 +441,9 @@ def _fingerprint(op, optimizer) -> tuple:
     hyper = tuple(tuple(sorted((key, v) for key, v in g.items() if scalar(v)))
                   for g in optimizer.param_groups)
     loss = op.loss
+    clip = None if op.clip is None else (op.clip.kind, op.clip.threshold, op.clip.active)
     return (op.kind, op.variant, op.shape[0], None if loss is None else float(loss),
-            float(x.sum()), float((x * x).sum()), hyper)
+            float(x.sum()), float((x * x).sum()), hyper, clip)
 
 
 def _scalar_coefficients(st) -> tuple[float, float, float, float, float]:

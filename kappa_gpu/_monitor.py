@@ -362,20 +362,32 @@ def check_monitor_kwargs(owner: str, **kwargs: Any) -> None:
         )
 
 
-def clipping_note(where: str, value: Any) -> str | None:
-    """The log line for a trainer that clips gradients (``value``: its threshold), or None."""
+def trainer_clipping(
+    owner: str, where: str, value: Any, algorithm: Any, monitor_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The clip options a callback passes on for a trainer that clips gradients.
+
+    ``where``: the trainer's setting (``"max_grad_norm"``), ``value`` its threshold (0/None:
+    no clipping), ``algorithm`` ``"norm"`` or ``"value"``. Options the user passed
+    (``clip_grad_norm`` / ``clip_grad_value``, even None) win. Logs once what is modelled.
+    """
+    if "clip_grad_norm" in monitor_kwargs or "clip_grad_value" in monitor_kwargs:
+        return {}
     try:
         clip = float(value) if value is not None else 0.0
     except (TypeError, ValueError):
-        return None
+        return {}
     if not clip > 0 or not math.isfinite(clip):
-        return None
-    return (
-        f"{where}={clip:g}: the trainer clips gradients, and kappa_gpu analyses the unclipped "
-        "optimizer step. In a step where the gradient's norm exceeds the threshold the real "
-        "update is scaled down (and its Jacobian changes with it), so the estimates describe the "
-        f"update without clipping; set {where} to 0/None to analyse exactly what runs"
+        return {}
+    kind = str(getattr(algorithm, "value", algorithm) or "norm").lower()
+    key = "clip_grad_value" if kind == "value" else "clip_grad_norm"
+    logger.info(
+        "%s: %s=%g: the trainer clips gradients by %s, and J is the clipped step's Jacobian "
+        "(%s=%g). Where the clip is active the estimate takes the arnoldi path; pass %s=None "
+        "to analyse the unclipped step instead", owner, where, clip,
+        "value" if key == "clip_grad_value" else "norm", key, clip, key,
     )
+    return {key: clip}
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -421,6 +433,9 @@ def _check_estimate_arguments(method: str, modes: str, kwargs: dict[str, Any]) -
     from kappa_gpu._estimate import check_arguments
 
     check_arguments(method, modes, kwargs.get("tol"))
+    from kappa_gpu.operators._update import _clip_spec
+
+    _clip_spec(kwargs.get("clip_grad_norm"), kwargs.get("clip_grad_value"))
     known = _estimate_options()
     unknown = sorted(set(kwargs) - known)
     if unknown:

@@ -283,8 +283,13 @@ def set_flat_state(optimizer: torch.optim.Optimizer, blocks: Sequence[str], x: t
                 o += k
 
 
-def real_step(model, optimizer, loss_fn, batch, x, blocks, seed: int = 0) -> torch.Tensor:
-    """The state after one real ``optimizer.step()`` from state ``x`` (on deep copies)."""
+def real_step(model, optimizer, loss_fn, batch, x, blocks, seed: int = 0,
+              clip: tuple[str, float] | None = None) -> torch.Tensor:
+    """The state after one real ``optimizer.step()`` from state ``x`` (on deep copies).
+
+    ``clip``: ``("norm", max_norm)`` or ``("value", clip_value)``: the step runs
+    ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` on the optimizer's parameters
+    between ``backward()`` and ``step()``, as a training loop that clips does."""
     m2, o2 = copy.deepcopy((model, optimizer))
     set_flat_state(o2, blocks, x)
     o2.zero_grad(set_to_none=True)
@@ -292,6 +297,11 @@ def real_step(model, optimizer, loss_fn, batch, x, blocks, seed: int = 0) -> tor
         torch.default_generator.manual_seed(seed)  # as the operators seed it: same dropout mask
         loss = mean_loss(m2, loss_fn, batch)
     loss.backward()
+    if clip is not None:
+        if clip[0] == "norm":
+            torch.nn.utils.clip_grad_norm_(trainable(o2), clip[1])
+        else:
+            torch.nn.utils.clip_grad_value_(trainable(o2), clip[1])
     o2.step()
     return flat_state(o2, blocks)
 
@@ -305,6 +315,7 @@ def fd_jacobian(
     blocks: Sequence[str] | None = None,
     rel_step: float = 1e-6,
     seed: int = 0,
+    clip: tuple[str, float] | None = None,
 ) -> torch.Tensor:
     """Central finite-difference Jacobian of real ``optimizer.step()`` calls (float64).
 
@@ -313,10 +324,11 @@ def fd_jacobian(
     ``exp_avg_sq`` it is ``rel_step * v_i`` (no floor): Adam's ``sqrt(v)`` is curved on the
     scale of ``v_i`` itself, so a step on the block's scale would be far too large where
     ``v_i << rms(v)``. ``blocks`` defaults to the full
-    state (``("theta", "exp_avg", "exp_avg_sq")`` for Adam). ``seed`` fixes dropout's mask.
+    state (``("theta", "exp_avg", "exp_avg_sq")`` for Adam). ``seed`` fixes dropout's mask;
+    ``clip`` clips the gradient in each step (:func:`real_step`).
     """
     with one_thread():
-        return _fd_jacobian(model, optimizer, loss_fn, batch, blocks, rel_step, seed)
+        return _fd_jacobian(model, optimizer, loss_fn, batch, blocks, rel_step, seed, clip)
 
 
 @contextlib.contextmanager
@@ -331,7 +343,7 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-def _fd_jacobian(model, optimizer, loss_fn, batch, blocks, rel_step, seed):
+def _fd_jacobian(model, optimizer, loss_fn, batch, blocks, rel_step, seed, clip=None):
     blocks = tuple(blocks or default_blocks(optimizer))
     x0 = flat_state(optimizer, blocks)
     n = x0.numel() // len(blocks)
@@ -347,8 +359,8 @@ def _fd_jacobian(model, optimizer, loss_fn, batch, blocks, rel_step, seed):
             xp[i] += h
             xm[i] -= h
             step = (xp[i] - xm[i]).item()  # the representable step actually taken
-            fp = real_step(model, optimizer, loss_fn, batch, xp, blocks, seed)
-            fm = real_step(model, optimizer, loss_fn, batch, xm, blocks, seed)
+            fp = real_step(model, optimizer, loss_fn, batch, xp, blocks, seed, clip)
+            fm = real_step(model, optimizer, loss_fn, batch, xm, blocks, seed, clip)
             J[:, i] = (fp - fm) / step
     return J
 

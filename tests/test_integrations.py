@@ -85,6 +85,52 @@ def test_lightning_callback_in_trainer_fit(tmp_path):
     }
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_lightning_gradient_clipping_is_in_the_analysed_step(tmp_path, algorithm):
+    """Trainer(gradient_clip_val=...) reaches the estimate as the matching clip option; with a
+    threshold the gradients exceed, every estimate reports the clip active (arnoldi path). An
+    option passed to the callback wins, None included."""
+    L = pytest.importorskip("lightning", reason="pip install kappa-gpu[lightning]")
+    from kappa_gpu.integrations.lightning import KappaCallback
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    )
+    key = f"clip_grad_{algorithm}"
+    runs = {}
+    for name, extra in (("trainer", {}), ("override", {key: None})):
+        cb = KappaCallback(F.cross_entropy, every=2, log=False, **ESTIMATE_KW, **extra)
+        trainer = L.Trainer(
+            max_steps=4, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            gradient_clip_val=1e-3, gradient_clip_algorithm=algorithm,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=16))
+        _assert_records(cb.records, 2)
+        runs[name] = cb
+    assert runs["trainer"].monitor.estimate_kwargs[key] == 1e-3
+    assert all(f"gradient clipping by {algorithm}" in r.message and "active here" in r.message
+               and r.method == "arnoldi" for r in runs["trainer"].records)
+    assert runs["override"].monitor.estimate_kwargs[key] is None
+    assert not any("clipping" in r.message for r in runs["override"].records)
+
+
 def test_lightning_callback_checks_its_arguments_before_training():
     """A misspelt monitor option fails at construction, not inside fit; an optimizer index the
     trainer does not have is named at train start, not an IndexError."""
@@ -202,14 +248,16 @@ def test_hf_callback_in_trainer_train(tmp_path, own_loss, caplog):
         report_to=[], save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
     )  # fmt: skip
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
-    with caplog.at_level("WARNING", logger="kappa_gpu"):
+    with caplog.at_level("INFO", logger="kappa_gpu"):
         trainer.train()
     _assert_records(cb.records, 3)
     assert [r.step for r in cb.records] == [2, 4, 6]
     # unwrapped from accelerate
     assert type(cb.monitor.optimizer) is (torch.optim.AdamW if own_loss else torch.optim.SGD)
-    # The Trainer clips by default (max_grad_norm=1.0); kappa_gpu's step is unclipped: said once.
-    assert caplog.text.count("max_grad_norm=1: the trainer clips gradients") == 1
+    # The Trainer clips by default (max_grad_norm=1.0): J is the clipped step's (said once).
+    assert caplog.text.count("max_grad_norm=1: the trainer clips gradients by norm") == 1
+    assert cb.monitor.estimate_kwargs["clip_grad_norm"] == 1.0
+    assert all("gradient clipping by norm (max_norm=1)" in r.message for r in cb.records)
     # trainer_state.json stays strict JSON: only finite values enter log_history.
     json.dumps(trainer.state.log_history, allow_nan=False)
     if not own_loss:

@@ -90,11 +90,20 @@ def test_adam_full_matches_finite_differences_of_real_steps(name):
     assert rel_err(op.to_dense(), J_fd) <= 1e-6
 
 
-def adam_frozen_dense(model, opt, loss_fn, batch) -> torch.Tensor:
-    """DESIGN.md's frozen Adam J, from the dense Hessian and the optimizer state."""
+def adam_frozen_dense(model, opt, loss_fn, batch, clip=None) -> torch.Tensor:
+    """DESIGN.md's frozen Adam J, from the dense Hessian and the optimizer state.
+
+    ``clip=("norm", max_norm)``: the step clips the gradient by its norm first: ``g`` becomes
+    ``s g`` and ``H`` the chain rule's ``C H``, ``C`` the dense Jacobian of ``g -> s(g) g``."""
     params = trainable(opt)
     H = dense_hessian(model, loss_fn, batch, params)
     g = dense_gradient(model, loss_fn, batch, params)
+    if clip is not None:
+        assert clip[0] == "norm"
+        C = torch.autograd.functional.jacobian(
+            lambda x: x * torch.clamp(clip[1] / (x.norm() + 1e-6), max=1.0), g)
+        g = g * min(clip[1] / (g.norm().item() + 1e-6), 1.0)
+        H = C @ H
     per = {k: [] for k in ("b1", "c", "D", "wd")}
     sign = -1.0 if opt.param_groups[0]["maximize"] else 1.0
     o = 0

@@ -37,9 +37,11 @@ Design decisions (the Trainer does not hand the batch to callbacks):
   appended to ``state.log_history`` (saved in ``trainer_state.json``; finite values only, as
   that file must stay strict JSON: a failed estimate's NaN fields, or an infinite kappa_V, are
   in the records and the JSONL file).
-* **Gradient clipping.** The Trainer clips gradients by default (``max_grad_norm=1.0``);
-  kappa_gpu analyses the unclipped step (a warning says so once). Where clipping is active the
-  real update is scaled down; set ``max_grad_norm=0`` to analyse exactly what runs.
+* **Gradient clipping.** The Trainer clips gradients by default (``max_grad_norm=1.0``,
+  ``clip_grad_norm_`` over the model's parameters); the callback passes it on as
+  ``clip_grad_norm``, so J is the Jacobian of the clipped step (logged once). Where the clip is
+  active (``||g|| > max_grad_norm``) the estimate takes the arnoldi path. Pass
+  ``clip_grad_norm=None`` to the callback to analyse the unclipped step instead.
 * The Trainer's own logging cadence is not touched (no ``control.should_log``).
 """
 
@@ -55,8 +57,7 @@ from kappa_gpu._monitor import (
     KappaMonitor,
     MonitorRecord,
     check_monitor_kwargs,
-    clipping_note,
-    logger,
+    trainer_clipping,
 )
 
 try:
@@ -227,19 +228,23 @@ class KappaTrainerCallback(TrainerCallback):
         labels = batch.pop(self.label_key)
         return batch, labels
 
-    def _build(self, model: torch.nn.Module, optimizer: Any) -> None:
+    def _build(self, model: torch.nn.Module, optimizer: Any, args: Any = None) -> None:
         self.adapter = HFModelLoss(
             model,
             use_model_loss=self.loss_fn is None,
             attn_implementation=self.attn_implementation,
         )
         loss_fn = self.loss_fn if self.loss_fn is not None else _identity_loss
+        clip = trainer_clipping("KappaTrainerCallback", "max_grad_norm",
+                                getattr(args, "max_grad_norm", None), "norm",
+                                self.monitor_kwargs)
         self.monitor = KappaMonitor(
             self.adapter,
             unwrap_optimizer(optimizer),
             loss_fn,
             every=self.every,
             k=self.k,
+            **clip,
             **self.monitor_kwargs,
         )
 
@@ -250,10 +255,7 @@ class KappaTrainerCallback(TrainerCallback):
         if self.monitor is None:
             if model is None or optimizer is None:
                 return
-            note = clipping_note("max_grad_norm", getattr(args, "max_grad_norm", None))
-            if note:
-                logger.warning("KappaTrainerCallback: %s", note)
-            self._build(model, optimizer)
+            self._build(model, optimizer, args)
         assert self.monitor is not None and self.adapter is not None
         # Keep the wrapper's flag in step with the model's (not .train(): it would recurse).
         self.adapter.training = self.adapter.model.training

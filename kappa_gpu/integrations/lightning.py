@@ -22,9 +22,12 @@ How it plugs in:
   logged with ``pl_module.log(..., rank_zero_only=True, on_step=True, on_epoch=False)`` under
   ``"{prefix}{name}"`` (default ``"kappa/rho"``, ``"kappa/kappa_V"``, ...); the full records are
   in :attr:`KappaCallback.records` and, with ``log_dir``, in the monitor's JSONL file.
-* Gradient clipping (``Trainer(gradient_clip_val=...)``) is not part of the analysed step: a
-  warning says so once at train start (where clipping is active, the real update is scaled
-  down).
+* Gradient clipping: ``Trainer(gradient_clip_val=..., gradient_clip_algorithm=...)`` is passed
+  on as ``clip_grad_norm`` (the default algorithm) or ``clip_grad_value``, so J is the Jacobian
+  of the clipped step (logged once at train start). Where the clip is active the estimate takes
+  the arnoldi path. A ``configure_gradient_clipping`` override of your own is not seen: pass
+  ``clip_grad_norm=`` / ``clip_grad_value=`` to the callback yourself (``None``: analyse the
+  unclipped step).
 """
 
 from __future__ import annotations
@@ -38,8 +41,7 @@ from kappa_gpu._monitor import (
     KappaMonitor,
     MonitorRecord,
     check_monitor_kwargs,
-    clipping_note,
-    logger,
+    trainer_clipping,
 )
 
 try:
@@ -126,13 +128,15 @@ class KappaCallback(Callback):
                 f"KappaCallback(optimizer_index={self.optimizer_index}): the trainer has "
                 f"{len(optimizers)} optimizer(s), indices 0..{len(optimizers) - 1}"
             )
-        note = clipping_note("gradient_clip_val", getattr(trainer, "gradient_clip_val", None))
-        if note:
-            logger.warning("KappaCallback: %s", note)
+        clip = trainer_clipping(
+            "KappaCallback", "gradient_clip_val", getattr(trainer, "gradient_clip_val", None),
+            getattr(trainer, "gradient_clip_algorithm", None), self.monitor_kwargs,
+        )
         opt = optimizers[self.optimizer_index]
         opt = getattr(opt, "_optimizer", opt)  # a LightningOptimizer wraps the torch one
         self.monitor = KappaMonitor(
-            pl_module, opt, self.loss_fn, every=self.every, k=self.k, **self.monitor_kwargs
+            pl_module, opt, self.loss_fn, every=self.every, k=self.k, **clip,
+            **self.monitor_kwargs,
         )
         self._last_step = trainer.global_step
 

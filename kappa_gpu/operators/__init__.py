@@ -12,7 +12,12 @@ Errors are subclasses of :class:`OperatorError` (and of the built-in ``TypeError
 """
 
 from kappa_gpu.operators._hvp import HessianOperator, hessian_operator
-from kappa_gpu.operators._update import BlockStructure, UpdateOperator, update_operator
+from kappa_gpu.operators._update import (
+    BlockStructure,
+    GradientClip,
+    UpdateOperator,
+    update_operator,
+)
 from kappa_gpu.operators._validate import (
     BatchError,
     DistributedError,
@@ -28,6 +33,7 @@ from kappa_gpu.operators._validate import (
 
 __all__ = [
     "update_operator",
+    "GradientClip",
     "hessian_operator",
     "UpdateOperator",
     "HessianOperator",

@@ -853,7 +853,10 @@ class HessianOperator(_EngineAttributes, LinearOperator):
 
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._engine.hvp(x)
+        return self._signed(self._engine.hvp(x), x)
+
+    def _signed(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``sign h + shift x``, in place in ``h`` (a fresh product)."""
         if self.sign != 1.0:
             h = h.mul_(self.sign)
         if self.shift is not None:

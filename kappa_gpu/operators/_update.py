@@ -36,6 +36,11 @@ weight decay, zero for decoupled AdamW decay) and one HVP per product:
       dtheta' = c dtheta - D dm' + q dv',
       q       = (eta/bc1) m' / (denom^2 * 2 sqrt(v') sqrt(bc2))   (0 where v' = 0)
 
+With gradient clipping before the step (``clip_grad_norm=`` / ``clip_grad_value=``, see
+:class:`GradientClip`) the step sees ``clip(g)`` and ``Ht = (+-)C H + diag(wd_L2)``, ``C`` the
+clip's symmetric Jacobian at ``g``: the same formulas with a non-symmetric ``Ht`` (adjoint
+``(+-)H C + diag(wd_L2)``), and ``gt`` the clipped gradient.
+
 Per-group hyper-parameters make eta, mu, b1, ... diagonal. A parameter the loss does not reach
 (its autograd gradient is None) is skipped by ``optimizer.step()`` after ``zero_grad()``: its
 rows of J are the identity, and it is marked inactive in :class:`BlockStructure`.
@@ -50,6 +55,7 @@ formulas regrouped per segment: equal to the torch path up to float rounding, no
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,7 +76,7 @@ from kappa_gpu.operators._validate import (
     scalar,
 )
 
-__all__ = ["UpdateOperator", "BlockStructure", "update_operator"]
+__all__ = ["UpdateOperator", "BlockStructure", "GradientClip", "update_operator"]
 
 Coef = float | torch.Tensor
 #: ``() -> (BlockParams, per-entry coefficient vectors)``: the table the fused kernels read,
@@ -78,6 +84,129 @@ Coef = float | torch.Tensor
 BlockSpec = Callable[[], tuple[BlockParams, tuple[torch.Tensor, ...]]]
 
 logger = logging.getLogger("kappa_gpu")
+
+
+#: ``torch.nn.utils.clip_grad_norm_``'s guard: ``clip_coef = max_norm / (total_norm + 1e-6)``
+_CLIP_NORM_EPS = 1e-6
+
+
+class GradientClip:
+    """Gradient clipping before the step, linearized at the current gradient ``g``.
+
+    What ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` (2-norm over all the optimizer's
+    parameters; what the Hugging Face Trainer's ``max_grad_norm`` and Lightning's
+    ``gradient_clip_val`` run) or ``clip_grad_value_(params, clip_value)`` do to ``.grad``
+    between ``backward()`` and ``optimizer.step()``. The step then sees ``clip(g)``, and its
+    Jacobian the chain rule's ``C H`` in place of ``H``, with ``C`` the clip's Jacobian at ``g``:
+
+    - norm, active (``||g|| + 1e-6 > max_norm``): ``clip(g) = s g`` with
+      ``s = max_norm / (||g|| + 1e-6)`` and ``C = s (I - g g^T / (||g|| (||g|| + 1e-6)))``:
+      the step is scaled down and loses its component along ``g``;
+    - value, active (some ``|g_i| > clip_value``): ``clip(g) = clamp(g, -c, c)``,
+      ``C = diag(|g| <= c)``: clipped entries do not respond to the parameters;
+    - inactive: ``C = I``, the unclipped operator.
+
+    ``C`` is symmetric, so ``(C H)^T = H C``: one HVP per product either way. ``C H`` is not
+    symmetric, so an active clip leaves no 2x2 block structure (``structure()`` is None, the
+    estimate runs Arnoldi). At ``||g|| + 1e-6 = max_norm`` (or ``|g_i| = c``) the clipped step
+    has no Jacobian; ``C`` there is the one-sided one of the side ``g`` lies on.
+
+    Attributes:
+        kind: ``"norm"`` or ``"value"``.
+        threshold: ``max_norm`` or ``clip_value``.
+        grad_norm: ``||g||`` (2-norm, the one the norm clip compares).
+        active: whether the clip changes the gradient at this point.
+        scale: the norm clip's factor ``s`` (1.0 when inactive; 1.0 for the value clip).
+        n_clipped: entries the value clip cuts (0 for the norm clip).
+    """
+
+    def __init__(self, kind: str, threshold: float, g: torch.Tensor):
+        self.kind = kind
+        self.threshold = float(threshold)
+        norm = float(torch.linalg.vector_norm(g.double()))
+        self.grad_norm = norm
+        self.scale = 1.0
+        self.n_clipped = 0
+        self._u: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        if kind == "norm":
+            coef = self.threshold / (norm + _CLIP_NORM_EPS)
+            self.active = coef < 1.0
+            if self.active:
+                self.scale = coef
+                self._u = g / math.sqrt(norm * (norm + _CLIP_NORM_EPS))
+        else:
+            mask = g.abs() <= self.threshold
+            self.n_clipped = int(mask.numel() - int(mask.sum()))
+            self.active = self.n_clipped > 0
+            if self.active:
+                self._mask = mask.to(g.dtype)
+
+    def __repr__(self) -> str:
+        return (f"GradientClip(kind={self.kind!r}, threshold={self.threshold:g}, "
+                f"grad_norm={self.grad_norm:.4g}, active={self.active})")
+
+    def clipped(self, g: torch.Tensor) -> torch.Tensor:
+        """``clip(g)``: the gradient the step takes."""
+        if not self.active:
+            return g
+        if self.kind == "norm":
+            return g * self.scale
+        return g.clamp(-self.threshold, self.threshold)
+
+    def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        """``C x`` for ``x`` of shape ``(n,)`` or ``(n, s)``: a new tensor (``x`` untouched)."""
+        if not self.active:
+            return x.clone()
+        if self._mask is not None:
+            return x * (self._mask[:, None] if x.ndim == 2 else self._mask)
+        u = self._u
+        assert u is not None
+        w = u @ x  # () or (s,)
+        return (x - (u[:, None] * w if x.ndim == 2 else u * w)).mul_(self.scale)
+
+    def describe(self) -> str:
+        """One sentence for a report: what the clip does at this point."""
+        name = "max_norm" if self.kind == "norm" else "clip_value"
+        if not self.active:
+            where = (f"||g|| = {self.grad_norm:.4g} <= {name}" if self.kind == "norm"
+                     else f"every |g_i| <= {name}")
+            return (f"gradient clipping by {self.kind} ({name}={self.threshold:g}) is inactive "
+                    f"here ({where}): J is the unclipped step's")
+        if self.kind == "norm":
+            what = (f"||g|| = {self.grad_norm:.4g} > max_norm, the step is scaled by "
+                    f"{self.scale:.4g}")
+        else:
+            what = f"{self.n_clipped} gradient entries are cut to +-{self.threshold:g}"
+        return (f"gradient clipping by {self.kind} ({name}={self.threshold:g}) is active here "
+                f"({what}): J includes the clip's Jacobian, which leaves no 2x2 block "
+                "structure (estimate runs arnoldi)")
+
+
+class _ClippedHessian(HessianOperator):
+    """``Ht = sign C H + diag(shift)``: the curvature the clipped step sees (``C``: the clip's
+    symmetric Jacobian, :class:`GradientClip`); its adjoint is ``sign H C + diag(shift)``."""
+
+    def __init__(self, engine: _HVPEngine, clip: GradientClip, sign: float = 1.0,
+                 shift: float | torch.Tensor | None = None):
+        super().__init__(engine, sign=sign, shift=shift)
+        self.clip = clip
+
+    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return self._signed(self.clip.jacobian(self._engine.hvp(x)), x)
+
+    def _rmatvec(self, x: torch.Tensor) -> torch.Tensor:
+        return self._signed(self._engine.hvp(self.clip.jacobian(x)), x)
+
+    _matmat = _matvec
+    _rmatmat = _rmatvec
+
+
+def _curvature(engine: _HVPEngine, clip: GradientClip | None, sign: float,
+               shift: float | torch.Tensor | None) -> HessianOperator:
+    if clip is not None and clip.active:
+        return _ClippedHessian(engine, clip, sign=sign, shift=shift)
+    return HessianOperator(engine, sign=sign, shift=shift)
 
 
 @dataclass
@@ -191,6 +320,7 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         active: torch.Tensor | None,
         block_spec: BlockSpec,
         backend: tuple[str, str, str] = ("torch", "torch", "backend='torch' was requested"),
+        clip: GradientClip | None = None,
     ):
         n = engine.n
         super().__init__((len(blocks) * n, len(blocks) * n), engine.dtype, engine.device)
@@ -206,6 +336,9 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         #: puts these into its report's message
         self.notes: list[str] = []
         self.seed = engine.seed
+        #: the gradient clipping the step applies (None: none), see :class:`GradientClip`
+        self.clip = clip
+        self._clip = clip if clip is not None and clip.active else None
         self._ht = hessian
         self._coefs = coefs
         self._order = order
@@ -281,8 +414,9 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         return torch.cat(parts)
 
     def structure(self) -> BlockStructure | None:
-        """The :class:`BlockStructure` (DESIGN.md section 3), or None for Adam's full variant."""
-        if self._order == 0:
+        """The :class:`BlockStructure` (DESIGN.md section 3), or None for Adam's full variant
+        and where gradient clipping is active (``C H`` is not symmetric)."""
+        if self._order == 0 or self._clip is not None:
             return None
         n, k = self.n_params, self._coefs
 
@@ -355,7 +489,7 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
     def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         if self._blocks is not None:
             return self._fused_rmatvec(y)
-        k, ht = self._coefs, self._ht._matvec
+        k, ht = self._coefs, self._ht._rmatvec  # Ht^T: Ht itself unless a clip is active
         out = torch.empty_like(y)
         if self._order == 1:  # c y - Ht (D a y)
             w = _set(torch.empty_like(y), y, k["D"], k["a"])
@@ -394,6 +528,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         xs = self.split(x)
         out = torch.empty_like(x)
         hv = self._engine.hvp(xs[0])
+        if self._clip is not None:  # the passes apply sign and L2 decay to C H x
+            hv = self._clip.jacobian(hv)
         blocks.matvec(xs, hv, out=self.split(out))
         self._check_fused(blocks)
         return out
@@ -401,7 +537,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
     def _fused_rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         blocks = self._blocks
         ys = self.split(y)
-        hv = self._engine.hvp(blocks.rmatvec_pre(ys))
+        u = blocks.rmatvec_pre(ys)
+        hv = self._engine.hvp(u if self._clip is None else self._clip.jacobian(u))
         out = torch.empty_like(y)
         blocks.rmatvec_post(ys, hv, out=self.split(out))
         self._check_fused(blocks)
@@ -470,6 +607,8 @@ def update_operator(
     process_group: Any = None,
     backend: str = "auto",
     hvp: str = "auto",
+    clip_grad_norm: float | None = None,
+    clip_grad_value: float | None = None,
 ) -> UpdateOperator:
     """The exact linearized update ``J`` of ``optimizer.step()`` at the current point.
 
@@ -510,6 +649,15 @@ def update_operator(
             between products (a batched product then holds the dual activations of all its
             columns at once). ``op.hvp_mode`` says which is in use; the two agree to float
             rounding (:mod:`kappa_gpu.operators._hvp`).
+        clip_grad_norm: the ``max_norm`` of a ``torch.nn.utils.clip_grad_norm_(params,
+            max_norm)`` the training step runs before ``optimizer.step()`` (2-norm over the
+            optimizer's parameters; the Hugging Face Trainer's ``max_grad_norm``, Lightning's
+            ``gradient_clip_val``). J is then the Jacobian of the clipped step: exact, one HVP
+            per product as before. ``op.clip`` (:class:`GradientClip`) says whether the clip is
+            active at this point; where it is, ``op.structure()`` is None.
+        clip_grad_value: the ``clip_value`` of a ``torch.nn.utils.clip_grad_value_`` the step
+            runs instead (Lightning's ``gradient_clip_algorithm="value"``). At most one of the
+            two.
 
     Returns:
         An :class:`UpdateOperator`. Building it costs one gradient evaluation; each matvec and
@@ -557,7 +705,8 @@ def update_operator(
         BatchError: ``loss_fn(model(inputs), targets)`` fails on the batch.
         NonFiniteError: the loss or the gradient is not finite at the current point.
         ValueError: ``backend`` is not one of ``"auto"``, ``"cupy"``, ``"torch"``, or it is
-            ``"cupy"`` for a model that is not on a CUDA device.
+            ``"cupy"`` for a model that is not on a CUDA device; a clip threshold that is not
+            a positive finite number, or both clip thresholds.
         TypeError, RuntimeError: ``backend="cupy"`` with a dtype the kernels do not take, or
             where CuPy cannot run (not installed, no driver, no device).
         DistributedError: the ranks of the process group disagree (parameters, vectors) or
@@ -573,6 +722,7 @@ def update_operator(
         raise ValueError(
             f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}"
         )
+    clip_spec = _clip_spec(clip_grad_norm, clip_grad_value)
     check_not_sharded(model)
     entries = [
         (p, group) for group in optimizer.param_groups for p in group["params"] if p.requires_grad
@@ -630,6 +780,10 @@ def update_operator(
         hvp=hvp,
     )
     g = engine.gradient()
+    clip = None
+    if clip_spec is not None:
+        clip = GradientClip(*clip_spec, g)
+        g = clip.clipped(g)  # the gradient the step takes (Adam's moments see it)
     # A parameter the loss does not reach gets grad None, and optimizer.step() skips it; but
     # step() takes every parameter whose .grad is not None: a zero gradient left by
     # zero_grad(set_to_none=False) still gets momentum and weight decay.
@@ -655,15 +809,38 @@ def update_operator(
         logger.debug("update operator (%s): fused CuPy kernels: %s", kind, reason)
     bk = (backend, chosen, reason)
     if kind == "sgd":
-        op = _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign, bk)
+        op = _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign, bk, clip)
     else:
         op = _adam(
-            engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, bk
+            engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, bk,
+            clip,
         )
     op.notes = _left_out(params, optimizer, sorted(engine._mutable))
     for note in op.notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     return op
+
+
+def _clip_spec(norm: float | None, value: float | None) -> tuple[str, float] | None:
+    """``(kind, threshold)`` of the clipping to model, checked before any gradient is taken."""
+    if norm is not None and value is not None:
+        raise ValueError(
+            "pass at most one of clip_grad_norm and clip_grad_value (the step clips one way)"
+        )
+    for name, v in (("clip_grad_norm", norm), ("clip_grad_value", value)):
+        if v is None:
+            continue
+        try:
+            t = float(v)
+        except (TypeError, ValueError):
+            t = math.nan
+        if isinstance(v, bool) or not (t > 0.0 and math.isfinite(t)):
+            raise ValueError(
+                f"{name} must be a positive finite number (the clip threshold), got {v!r}; "
+                "pass None when the step does not clip"
+            )
+        return ("norm" if name == "clip_grad_norm" else "value", t)
+    return None
 
 
 def _hook_count(hooks: Any) -> int:
@@ -737,7 +914,7 @@ def _missing_state(optimizer, kind: str, p: torch.Tensor, group: dict):
 
 
 def _sgd(
-    engine, optimizer, groups, active_list, has_state, active, pe, sign, backend
+    engine, optimizer, groups, active_list, has_state, active, pe, sign, backend, clip
 ) -> UpdateOperator:
     lr = [scalar(g["lr"]) for g in groups]
     mu = [scalar(g["momentum"]) for g in groups]
@@ -745,7 +922,7 @@ def _sgd(
     wd = [scalar(g["weight_decay"]) for g in groups]
     nesterov = [bool(g["nesterov"]) for g in groups]
     D = [eta if act else 0.0 for eta, act in zip(lr, active_list, strict=True)]
-    hessian = HessianOperator(engine, sign=sign, shift=pe.expand(wd))
+    hessian = _curvature(engine, clip, sign, pe.expand(wd))
     if all(m == 0.0 for m in mu):
         per = {"a": [1.0] * len(lr), "c": [1.0] * len(lr)}
         coefs = {"D": pe.expand(D), "a": 1.0, "c": 1.0}
@@ -766,6 +943,7 @@ def _sgd(
             active=active,
             block_spec=spec1,
             backend=backend,
+            clip=clip,
         )
     per: dict[str, list[float]] = {k: [] for k in ("a", "a2", "b", "beta", "c")}
     for m, dd, nest, act, has in zip(mu, d, nesterov, active_list, has_state, strict=True):
@@ -798,11 +976,12 @@ def _sgd(
         active=active,
         block_spec=spec2,
         backend=backend,
+        clip=clip,
     )
 
 
 def _adam(
-    engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, backend
+    engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, backend, clip
 ) -> UpdateOperator:
     dt, dev = engine.dtype, engine.device
     decoupled = [bool(gr.get("decoupled_weight_decay", False)) for gr in groups]
@@ -850,7 +1029,7 @@ def _adam(
             qs.append((lr[i] / bc1) * m_new * inv / denom**2)
             rs.append(2.0 * (1.0 - b2[i]) * gt)
     D = torch.cat(Ds)
-    hessian = HessianOperator(engine, sign=sign, shift=pe.expand(wd_l2))
+    hessian = _curvature(engine, clip, sign, pe.expand(wd_l2))
     # inactive parameters (skipped by torch): theta stays, and so does the state if it exists
     stay = [1.0 if h else 0.0 for h in has_state]
     if full:
@@ -880,6 +1059,7 @@ def _adam(
             active=active,
             block_spec=spec_full,
             backend=backend,
+            clip=clip,
         )
     per = {
         "a": [1.0 - x if a else 0.0 for x, a in zip(b1, active_list, strict=True)],
@@ -907,4 +1087,5 @@ def _adam(
         active=active,
         block_spec=spec_frozen,
         backend=backend,
+        clip=clip,
     )
