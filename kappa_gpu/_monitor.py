@@ -360,6 +360,12 @@ def check_monitor_kwargs(owner: str, **kwargs: Any) -> None:
             f"{owner}: unknown KappaMonitor option(s) {unknown}; monitor options: "
             f"{', '.join(mon)}; estimator options: {', '.join(est)}"
         )
+    from kappa_gpu.operators._update import _clip_spec
+
+    try:  # values the monitor would refuse at the first training step
+        _clip_spec(kwargs.get("clip_grad_norm"), kwargs.get("clip_grad_value"))
+    except ValueError as exc:
+        raise ValueError(f"{owner}: {exc}") from None
 
 
 def trainer_clipping(

@@ -9,6 +9,8 @@ autograd, dense ``eig`` for the estimate, the unclipped operator where the clip 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,51 @@ def test_bad_clip_arguments_are_clear_errors_before_any_work(kw, match):
     model, opt, loss_fn, _ = case
     with pytest.raises(ValueError, match=match):  # the monitor checks at construction
         kg.KappaMonitor(model, opt, loss_fn, **kw)
+
+
+def test_a_zero_gradient_under_a_tiny_max_norm_is_scaled_not_nan():
+    """g = 0 with max_norm < 1e-6: torch's clip_coef = max_norm / 1e-6 < 1 scales the (zero)
+    gradient, so C = s I (autograd of torch's formula at 0 agrees); it was 0/0 = NaN."""
+    g = torch.zeros(12, dtype=torch.float64)
+    clip = GradientClip("norm", 1e-7, g)
+    assert clip.active and clip.scale == pytest.approx(0.1)
+    C = torch.autograd.functional.jacobian(
+        lambda x: x * torch.clamp(1e-7 / (x.norm() + 1e-6), max=1.0), g)
+    X = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(clip.jacobian(X)).all()
+    assert rel_err(clip.jacobian(X), C @ X) <= 1e-14
+    huge = GradientClip("norm", 1.0, torch.full((4,), 1e160, dtype=torch.float64))
+    assert torch.isfinite(huge.jacobian(X[:4])).all()  # ||g|| (||g|| + 1e-6) would overflow
+
+
+def test_the_message_at_the_clip_boundary_says_what_torch_compares():
+    """||g|| < max_norm < ||g|| + 1e-6: torch clips (by 1 - 2e-6); the message must not say
+    ||g|| > max_norm, nor round the factor to 1."""
+    case = SGD_CASES["heavy-tanh"]()
+    gn = _gradient(case).norm().item()
+    op = update_operator(*case, clip_grad_norm=gn + 5e-7)
+    assert op.clip.active and op.clip.scale < 1.0
+    text = op.clip.describe()
+    assert "+ 1e-6 > max_norm" in text and "scaled by 0.999998" in text
+
+
+def test_a_norm_clip_with_trainable_parameters_outside_the_optimizer_is_said():
+    """The operator's norm runs over the optimizer's parameters; clip_grad_norm_ over
+    model.parameters() (the usual loop, the HF Trainer) also counts trainable ones the optimizer
+    does not hold, and then has another clip factor: warned, and in op.notes."""
+    model, _, loss_fn, batch = SGD_CASES["heavy-tanh"]()
+    head = list(model.parameters())[-2:]
+    opt = torch.optim.SGD(head, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        opt.step()
+    with pytest.warns(UserWarning, match="trainable scalar.*the optimizer does not hold"):
+        op = update_operator(model, opt, loss_fn, batch, clip_grad_norm=1e-3)
+    assert any("does not hold" in note for note in op.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        update_operator(model, opt, loss_fn, batch)  # no clip: nothing to say
+        for p in model.parameters():
+            p.requires_grad_(any(p is q for q in head))
+        update_operator(model, opt, loss_fn, batch, clip_grad_norm=1e-3)  # all held

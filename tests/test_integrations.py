@@ -139,6 +139,8 @@ def test_lightning_callback_checks_its_arguments_before_training():
 
     with pytest.raises(TypeError, match="unknown KappaMonitor option.*evry"):
         KappaCallback(F.cross_entropy, evry=3)
+    with pytest.raises(ValueError, match="KappaCallback: clip_grad_norm must be a positive"):
+        KappaCallback(F.cross_entropy, clip_grad_norm=-1.0)
     with pytest.raises(ValueError, match="optimizer_index"):
         KappaCallback(F.cross_entropy, optimizer_index=-1)
 
@@ -279,6 +281,8 @@ def test_hf_callback_needs_a_batch_source():
         KappaTrainerCallback()
     with pytest.raises(TypeError, match="unknown KappaMonitor option.*evry"):
         KappaTrainerCallback({"input_ids": torch.zeros(1, 2)}, evry=3)
+    with pytest.raises(ValueError, match="KappaTrainerCallback: clip_grad_value must be"):
+        KappaTrainerCallback({"input_ids": torch.zeros(1, 2)}, clip_grad_value=0)
 
 
 def test_hf_unwrap_optimizer():

@@ -107,9 +107,17 @@ class GradientClip:
     - inactive: ``C = I``, the unclipped operator.
 
     ``C`` is symmetric, so ``(C H)^T = H C``: one HVP per product either way. ``C H`` is not
-    symmetric, so an active clip leaves no 2x2 block structure (``structure()`` is None, the
-    estimate runs Arnoldi). At ``||g|| + 1e-6 = max_norm`` (or ``|g_i| = c``) the clipped step
-    has no Jacobian; ``C`` there is the one-sided one of the side ``g`` lies on.
+    symmetric, so while the clip is active ``structure()`` is None and the estimate runs
+    Arnoldi on J (typically 2-4x the HVPs of the structured path). For SGD with one learning
+    rate, and for the value clip, J stays similar to a structured operator (curvature
+    ``C^1/2 H C^1/2``), but the similarity is ill-conditioned (the norm clip's ``C`` has the
+    eigenvalue ``s 1e-6 / ||g||`` along ``g``), so it is not used. At
+    ``||g|| + 1e-6 = max_norm`` (or ``|g_i| = c``) the clipped step has no Jacobian; ``C``
+    there is the one-sided one of the side ``g`` lies on.
+
+    The norm is the 2-norm over the optimizer's trainable parameters. A training loop that
+    clips over ``model.parameters()`` counts trainable parameters the optimizer does not hold
+    as well; :func:`update_operator` warns when there are any (``op.notes``).
 
     Attributes:
         kind: ``"norm"`` or ``"value"``.
@@ -134,7 +142,11 @@ class GradientClip:
             self.active = coef < 1.0
             if self.active:
                 self.scale = coef
-                self._u = g / math.sqrt(norm * (norm + _CLIP_NORM_EPS))
+                # u = g / sqrt(||g|| (||g|| + 1e-6)), in a form that neither overflows nor
+                # divides 0 by 0 (g = 0 with max_norm < 1e-6: torch scales a zero gradient,
+                # C = s I)
+                self._u = g / (math.sqrt(norm) * math.sqrt(norm + _CLIP_NORM_EPS)) if norm > 0 \
+                    else torch.zeros_like(g)
         else:
             mask = g.abs() <= self.threshold
             self.n_clipped = int(mask.numel() - int(mask.sum()))
@@ -174,13 +186,14 @@ class GradientClip:
             return (f"gradient clipping by {self.kind} ({name}={self.threshold:g}) is inactive "
                     f"here ({where}): J is the unclipped step's")
         if self.kind == "norm":
-            what = (f"||g|| = {self.grad_norm:.4g} > max_norm, the step is scaled by "
-                    f"{self.scale:.4g}")
+            gt = ">" if self.grad_norm > self.threshold else "+ 1e-6 >"
+            what = (f"||g|| = {self.grad_norm:.6g} {gt} max_norm, the step is scaled by "
+                    f"{self.scale:.6g}")
         else:
             what = f"{self.n_clipped} gradient entries are cut to +-{self.threshold:g}"
         return (f"gradient clipping by {self.kind} ({name}={self.threshold:g}) is active here "
-                f"({what}): J includes the clip's Jacobian, which leaves no 2x2 block "
-                "structure (estimate runs arnoldi)")
+                f"({what}): J includes the clip's Jacobian C H, which the structured path "
+                "does not take (estimate runs arnoldi)")
 
 
 class _ClippedHessian(HessianOperator):
@@ -816,6 +829,18 @@ def update_operator(
             clip,
         )
     op.notes = _left_out(params, optimizer, sorted(engine._mutable))
+    if clip is not None and clip.kind == "norm":
+        held = {id(p) for p in params}
+        outside = sum(p.numel() for p in model.parameters()
+                      if p.requires_grad and id(p) not in held)
+        if outside:
+            op.notes.append(
+                f"clip_grad_norm: the norm is taken over the optimizer's parameters, but the "
+                f"model has {outside} trainable scalar(s) the optimizer does not hold; a step "
+                "that clips over model.parameters() (the Hugging Face Trainer does) counts "
+                "their gradient too, so J's clip factor differs from it: set "
+                "requires_grad=False on them, or clip over the optimizer's parameters"
+            )
     for note in op.notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     return op
@@ -832,7 +857,7 @@ def _clip_spec(norm: float | None, value: float | None) -> tuple[str, float] | N
             continue
         try:
             t = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             t = math.nan
         if isinstance(v, bool) or not (t > 0.0 and math.isfinite(t)):
             raise ValueError(
