@@ -242,3 +242,40 @@ def test_a_norm_clip_with_trainable_parameters_outside_the_optimizer_is_said():
         for p in model.parameters():
             p.requires_grad_(any(p is q for q in head))
         update_operator(model, opt, loss_fn, batch, clip_grad_norm=1e-3)  # all held
+
+
+@pytest.mark.parametrize("kind", ["norm", "value"])
+def test_clip_square_root_and_its_inverse(kind):
+    g = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    clip = GradientClip(kind, 0.4 * g.norm().item() if kind == "norm" else 0.5, g)
+    eye = torch.eye(30, dtype=torch.float64)
+    C, R = clip.jacobian(eye), clip.sqrt_jacobian(eye)
+    assert rel_err(R @ R, C) <= 1e-12 and rel_err(R, R.T) <= 1e-15
+    if kind == "norm":
+        assert rel_err(clip.sqrt_jacobian(R, inverse=True), eye) <= 1e-9
+
+
+def test_clipped_sgd_is_similar_to_the_symmetrized_structure():
+    """SGD with one lr and a norm clip: J = P J' P^-1 with P = diag(C^1/2, C^1/2) and J' the
+    block operator on the symmetric curvature C^1/2 Ht C^1/2 (what estimate starts Arnoldi
+    from, with a block start). Dense check; Adam's (non-uniform D) is flagged not exact."""
+    case = SGD_CASES["heavy-wd-bn"]()
+    op = update_operator(*case, clip_grad_norm=_threshold(case, "norm"))
+    st, exact = op.similar_structure()
+    assert exact and op.structure() is None
+    Hs = st.hessian.to_dense()
+    assert rel_err(Hs, Hs.T) <= 1e-12
+    n = op.n_params
+    a, a2, b, beta, c = (float(getattr(st, f)[0]) for f in ("a", "a2", "b", "beta", "c"))
+    D = float(st.D[0])
+    eye = torch.eye(n, dtype=torch.float64)
+    Jp = torch.cat([torch.cat([c * eye - D * a * Hs, -D * b * eye], 1),
+                    torch.cat([a2 * Hs, beta * eye], 1)], 0)
+    R = op.clip.sqrt_jacobian(eye)
+    P = torch.block_diag(R, R)
+    Pinv = torch.block_diag(*[op.clip.sqrt_jacobian(eye, inverse=True)] * 2)
+    assert rel_err(P @ Jp @ Pinv, op.to_dense()) <= 1e-8
+    case = ADAM_CASES["adamw-gelu"]()
+    _, exact = update_operator(*case, clip_grad_norm=_threshold(case, "norm")).similar_structure()
+    assert not exact
+    assert update_operator(*case).similar_structure() is None  # no clip: the structure itself

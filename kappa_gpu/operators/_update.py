@@ -136,6 +136,8 @@ class GradientClip:
         self.scale = 1.0
         self.n_clipped = 0
         self._u: torch.Tensor | None = None
+        self._uhat: torch.Tensor | None = None  # g / ||g|| (None for g = 0)
+        self._alpha = 0.0  # C = s (I - alpha uhat uhat^T), alpha = ||g|| / (||g|| + 1e-6)
         self._mask: torch.Tensor | None = None
         if kind == "norm":
             coef = self.threshold / (norm + _CLIP_NORM_EPS)
@@ -147,6 +149,9 @@ class GradientClip:
                 # C = s I)
                 self._u = g / (math.sqrt(norm) * math.sqrt(norm + _CLIP_NORM_EPS)) if norm > 0 \
                     else torch.zeros_like(g)
+                if norm > 0:
+                    self._uhat = g / norm
+                    self._alpha = norm / (norm + _CLIP_NORM_EPS)
         else:
             mask = g.abs() <= self.threshold
             self.n_clipped = int(mask.numel() - int(mask.sum()))
@@ -176,6 +181,29 @@ class GradientClip:
         assert u is not None
         w = u @ x  # () or (s,)
         return (x - (u[:, None] * w if x.ndim == 2 else u * w)).mul_(self.scale)
+
+    def sqrt_jacobian(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """``R x`` with ``R = C^1/2`` (``inverse``: ``R^-1 x``), for start subspaces.
+
+        Norm clip: ``R = sqrt(s) (I - (1 - sqrt(1 - alpha)) uhat uhat^T)``, with ``C = s (I -
+        alpha uhat uhat^T)``; its inverse grows the ``g`` direction by ``sqrt(||g|| / 1e-6)``.
+        Value clip: ``R`` is the mask, which has no inverse (``inverse`` returns ``x``).
+        A new tensor; ``x`` of shape ``(n,)`` or ``(n, s)``.
+        """
+        if not self.active:
+            return x.clone()
+        if self._mask is not None:
+            if inverse:
+                return x.clone()
+            return x * (self._mask[:, None] if x.ndim == 2 else self._mask)
+        root = math.sqrt(self.scale)
+        if self._uhat is None:  # g = 0: C = s I
+            return x / root if inverse else x * root
+        u, rest = self._uhat, math.sqrt(1.0 - self._alpha)
+        coef = (1.0 / rest - 1.0) if inverse else -(1.0 - rest)
+        w = (u @ x) * coef
+        out = x + (u[:, None] * w if x.ndim == 2 else u * w)
+        return out.div_(root) if inverse else out.mul_(root)
 
     def describe(self) -> str:
         """One sentence for a report: what the clip does at this point."""
@@ -213,6 +241,25 @@ class _ClippedHessian(HessianOperator):
 
     _matmat = _matvec
     _rmatmat = _rmatvec
+
+
+class _SymmetrizedClippedHessian(HessianOperator):
+    """``sign C^1/2 H C^1/2 + diag(shift)``: symmetric, and similar to the clipped curvature
+    ``sign C H + shift`` when the shift is a scalar (``C^-1/2 (C H) C^1/2``). Only a start
+    subspace is computed with it (:meth:`UpdateOperator.similar_structure`)."""
+
+    def __init__(self, engine: _HVPEngine, clip: GradientClip, sign: float = 1.0,
+                 shift: float | torch.Tensor | None = None):
+        super().__init__(engine, sign=sign, shift=shift)
+        self.clip = clip
+
+    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.clip.sqrt_jacobian
+        return self._signed(r(self._engine.hvp(r(x))), x)
+
+    _rmatvec = _matvec
+    _matmat = _matvec
+    _rmatmat = _matvec
 
 
 def _curvature(engine: _HVPEngine, clip: GradientClip | None, sign: float,
@@ -431,6 +478,24 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         and where gradient clipping is active (``C H`` is not symmetric)."""
         if self._order == 0 or self._clip is not None:
             return None
+        return self._structure(self._ht)
+
+    def similar_structure(self) -> tuple[BlockStructure, bool] | None:
+        """Under an active clip: the block structure with the symmetrized curvature
+        ``C^1/2 Ht C^1/2`` (same coefficients), and whether J is exactly similar to it
+        (``J = P J' P^-1``, ``P = diag(C^1/2, C^1/2)``: SGD with one learning rate and weight
+        decay, norm clip). Estimate starts Arnoldi from its modes (``P`` applied); None without
+        an active clip or for Adam's full variant."""
+        if self._order == 0 or self._clip is None:
+            return None
+        ht = self._ht
+        sym = _SymmetrizedClippedHessian(self._engine, self._clip, sign=ht.sign, shift=ht.shift)
+        exact = (self.kind == "sgd" and self._clip.kind == "norm"
+                 and not isinstance(self._coefs["D"], torch.Tensor)
+                 and not isinstance(ht.shift, torch.Tensor))
+        return self._structure(sym), exact
+
+    def _structure(self, hessian: HessianOperator) -> BlockStructure:
         n, k = self.n_params, self._coefs
 
         def vec(c: Coef) -> torch.Tensor:
@@ -441,7 +506,7 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         if self._order == 1:
             zero = vec(0.0)
             return BlockStructure(
-                hessian=self._ht,
+                hessian=hessian,
                 D=vec(k["D"]),
                 a=vec(k["a"]),
                 a2=zero,
@@ -453,7 +518,7 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
                 active=self._active,
             )
         return BlockStructure(
-            hessian=self._ht,
+            hessian=hessian,
             D=vec(k["D"]),
             a=vec(k["a"]),
             a2=vec(k["a2"]),
