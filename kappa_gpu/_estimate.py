@@ -787,8 +787,9 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
         # Arnoldi then refines instead of searching.
         # An active clip: the modes of the symmetrized clipped curvature C^1/2 Ht C^1/2 (same
         # coefficients), mapped by P = diag(C^1/2, ...) (left: P^-T); J = P J' P^-1 exactly
-        # for SGD with one lr (similar[1]), else a start close to the clipped modes.
-        sst = st if similar is None else similar[0]
+        # for SGD with one lr, a close start for Adam (95,770-parameter MLP, k = 8: 485 -> 238
+        # HVPs with SGD, 423 -> 256 with AdamW, against a folded start from the unclipped modes).
+        sst = st if similar is None else similar
         if warm is not None and warm.shape[0] == n and warm_here:
             W = warm.to(op.dtype)  # a structured report's Ritz vectors of S, at this point
         else:
@@ -806,7 +807,9 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
                 rows = slice(b * n, (b + 1) * n)
                 v0[rows] = op.clip.sqrt_jacobian(v0[rows])
                 v0_left[rows] = op.clip.sqrt_jacobian(v0_left[rows], inverse=True)
-        if op.structure() is not None or (similar is not None and similar[1]):
+            if not bool(v0.any()):  # a value clip that cuts every entry: C = 0, no curvature
+                v0 = v0_left = None
+        if v0 is not None and (op.structure() is not None or similar is not None):
             # The subspace is invariant up to the structured tolerance: one block of W.shape[1]
             # columns (a mode's two directions folded into one) spans all of it after one block
             # step, where a single folded start vector needs 2 k steps and, with clustered

@@ -258,11 +258,11 @@ def test_clip_square_root_and_its_inverse(kind):
 def test_clipped_sgd_is_similar_to_the_symmetrized_structure():
     """SGD with one lr and a norm clip: J = P J' P^-1 with P = diag(C^1/2, C^1/2) and J' the
     block operator on the symmetric curvature C^1/2 Ht C^1/2 (what estimate starts Arnoldi
-    from, with a block start). Dense check; Adam's (non-uniform D) is flagged not exact."""
+    from, with a block start). Dense check."""
     case = SGD_CASES["heavy-wd-bn"]()
     op = update_operator(*case, clip_grad_norm=_threshold(case, "norm"))
-    st, exact = op.similar_structure()
-    assert exact and op.structure() is None
+    st = op.similar_structure()
+    assert op.structure() is None
     Hs = st.hessian.to_dense()
     assert rel_err(Hs, Hs.T) <= 1e-12
     n = op.n_params
@@ -276,6 +276,20 @@ def test_clipped_sgd_is_similar_to_the_symmetrized_structure():
     Pinv = torch.block_diag(*[op.clip.sqrt_jacobian(eye, inverse=True)] * 2)
     assert rel_err(P @ Jp @ Pinv, op.to_dense()) <= 1e-8
     case = ADAM_CASES["adamw-gelu"]()
-    _, exact = update_operator(*case, clip_grad_norm=_threshold(case, "norm")).similar_structure()
-    assert not exact
-    assert update_operator(*case).similar_structure() is None  # no clip: the structure itself
+    assert update_operator(*case).similar_structure() is None  # no clip: structure() itself
+    assert update_operator(*case, variant="full",
+                           clip_grad_norm=_threshold(case, "norm")).similar_structure() is None
+
+
+def test_a_value_clip_that_cuts_every_entry_leaves_no_curvature_and_still_estimates():
+    """Every |g_i| above clip_value: C = 0, the step ignores the curvature (J is constant in
+    the parameters' direction), and the symmetrized start is zero: the estimate starts at
+    random instead of failing ('v0 is zero'); eigenvalues against dense eig."""
+    case = SGD_CASES["heavy-tanh"]()
+    c = 0.5 * _gradient(case).abs().min().item()
+    op = update_operator(*case, clip_grad_value=c)
+    assert op.clip.n_clipped == op.n_params
+    r = kg.estimate(*case, k=2, clip_grad_value=c, tol=1e-8)
+    assert r.method == "arnoldi"
+    ev = np.linalg.eigvals(op.to_dense().numpy())
+    assert max(np.min(np.abs(ev - zz)) for zz in np.asarray(r.eigenvalues)) <= 1e-6

@@ -480,20 +480,18 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
             return None
         return self._structure(self._ht)
 
-    def similar_structure(self) -> tuple[BlockStructure, bool] | None:
+    def similar_structure(self) -> BlockStructure | None:
         """Under an active clip: the block structure with the symmetrized curvature
-        ``C^1/2 Ht C^1/2`` (same coefficients), and whether J is exactly similar to it
-        (``J = P J' P^-1``, ``P = diag(C^1/2, C^1/2)``: SGD with one learning rate and weight
-        decay, norm clip). Estimate starts Arnoldi from its modes (``P`` applied); None without
-        an active clip or for Adam's full variant."""
+        ``C^1/2 Ht C^1/2`` (same coefficients), from whose modes estimate starts Arnoldi
+        (mapped by ``P = diag(C^1/2, C^1/2)``). J is exactly similar to it (``J = P J' P^-1``)
+        for SGD with one learning rate and weight decay and a norm clip; for Adam (a
+        per-entry D) it is a close start. None without an active clip, and for Adam's full
+        variant."""
         if self._order == 0 or self._clip is None:
             return None
         ht = self._ht
         sym = _SymmetrizedClippedHessian(self._engine, self._clip, sign=ht.sign, shift=ht.shift)
-        exact = (self.kind == "sgd" and self._clip.kind == "norm"
-                 and not isinstance(self._coefs["D"], torch.Tensor)
-                 and not isinstance(ht.shift, torch.Tensor))
-        return self._structure(sym), exact
+        return self._structure(sym)
 
     def _structure(self, hessian: HessianOperator) -> BlockStructure:
         n, k = self.n_params, self._coefs
