@@ -40,9 +40,10 @@ Design decisions (the Trainer does not hand the batch to callbacks):
 * **Gradient clipping.** The Trainer clips gradients by default (``max_grad_norm=1.0``,
   ``clip_grad_norm_`` over the model's parameters); the callback passes it on as
   ``clip_grad_norm``, so J is the Jacobian of the clipped step (logged once). Where the clip is
-  active (``||g|| > max_grad_norm``) the estimate takes the arnoldi path (typically 2-4x the
-  HVPs of the structured one). Pass ``clip_grad_norm=None`` to the callback to analyse the
-  unclipped step instead (cheaper, but not the step that runs while the clip is active).
+  active (``||g|| > max_grad_norm``) the estimate takes the arnoldi path (1.6x the HVPs of
+  the structured one with SGD, 3.4x with AdamW on a 95,770-parameter MLP). Pass
+  ``clip_grad_norm=None`` to the callback to analyse the unclipped step instead (cheaper, but
+  not the step that runs while the clip is active).
 * The Trainer's own logging cadence is not touched (no ``control.should_log``).
 """
 

@@ -108,10 +108,12 @@ class GradientClip:
 
     ``C`` is symmetric, so ``(C H)^T = H C``: one HVP per product either way. ``C H`` is not
     symmetric, so while the clip is active ``structure()`` is None and the estimate runs
-    Arnoldi on J (typically 2-4x the HVPs of the structured path). For SGD with one learning
-    rate, and for the value clip, J stays similar to a structured operator (curvature
-    ``C^1/2 H C^1/2``), but the similarity is ill-conditioned (the norm clip's ``C`` has the
-    eigenvalue ``s 1e-6 / ||g||`` along ``g``), so it is not used. At
+    Arnoldi on J, started from the modes of the symmetrized curvature ``C^1/2 Ht C^1/2``
+    (:meth:`UpdateOperator.similar_structure`; 95,770-parameter MLP, k = 8: 238 HVPs against
+    145 for the structured path without the clip with SGD, 256 against 75 with AdamW). For
+    SGD with one learning rate J is exactly similar to that structured operator, but the
+    similarity is ill-conditioned (the norm clip's ``C`` has the eigenvalue ``s 1e-6 / ||g||``
+    along ``g``), so the eigenvectors are Arnoldi's, not mapped ones. At
     ``||g|| + 1e-6 = max_norm`` (or ``|g_i| = c``) the clipped step has no Jacobian; ``C``
     there is the one-sided one of the side ``g`` lies on.
 
