@@ -232,3 +232,16 @@ def test_an_operator_is_refused_with_what_to_pass():
     with pytest.raises(TypeError, match=r"small dense matrix, got a 3x3 LinearOperator.*to_dense"):
         transient_growth(op)
     assert transient_growth(op.to_dense()).max_growth == pytest.approx(1.0)
+
+
+def test_orthonormal_basis_rank_is_the_inputs_rounding_level_not_n_eps():
+    """Two float32 columns at N = 2e5 whose second direction is 1e-3 of the first: rank 2 (the
+    old default N eps = 2.4% called them parallel); a copy perturbed at rounding: rank 1."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200_000, 2, generator=g).unbind(1)
+    a = a / a.norm()
+    b = b - (a @ b) * a
+    X = torch.stack([a, a + 1e-3 * b / b.norm()], 1)
+    assert orthonormal_basis(X).shape[1] == 2
+    Y = torch.stack([a, (a.double() * (1 + 1e-9)).float()], 1)
+    assert orthonormal_basis(Y).shape[1] == 1
