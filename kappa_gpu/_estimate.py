@@ -218,7 +218,7 @@ def estimate(
     op = update_operator(model, optimizer, loss_fn, batch, variant=variant, seed=seed, dtype=dtype,
                          process_group=process_group, backend=backend, hvp=hvp,
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value)
-    clipped = op.clip is not None and op.clip.active
+    mapped = op.maps_gradient
     if op.dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"estimate: the parameters are {op.dtype}; the Krylov vectors need float32 or "
@@ -233,15 +233,22 @@ def estimate(
     broadcast_generator(generator, communicator_of(op))  # same start vectors on every rank
     structure = op.structure()
     frozen_structure = structure
-    if structure is None and (op.kind in ("adam", "adamw") or clipped):
-        # Adam full, or an active clip: the frozen, unclipped operator's blocks are the starting
-        # guess and the EP yardstick (a clip changes the curvature C H, not the block
-        # coefficients, so the yardstick is exact for SGD).
-        frozen_structure = update_operator(
-            model, optimizer, loss_fn, batch, variant=None if op.kind == "sgd" else "frozen",
-            seed=seed, dtype=dtype, process_group=process_group,
-            hvp="forward",  # no products: keep no graph
-        ).structure()
+    helper_ops = []  # operators whose products count in the report's n_hvp too
+    if structure is None:
+        # Adam full, or a gradient map (an active clip, padding rows): the blocks of the
+        # frozen operator, with the symmetrized curvature K^1/2 Ht K^1/2 under a map (a map
+        # changes the curvature, not the block coefficients), are the starting guess and the
+        # EP yardstick.
+        frozen_op = op
+        if op.variant == "full":
+            frozen_op = update_operator(
+                model, optimizer, loss_fn, batch, variant="frozen", seed=seed, dtype=dtype,
+                process_group=process_group, clip_grad_norm=clip_grad_norm,
+                clip_grad_value=clip_grad_value,
+                hvp="forward",  # a few products for the start: keep no graph
+            )
+            helper_ops.append((frozen_op, frozen_op.n_hvp))
+        frozen_structure = frozen_op.structure() or frozen_op.similar_structure()
     if frozen_structure is not None and not bool(torch.any(frozen_structure.D > 0)):
         raise ValueError(
             "the learning rate is 0 in every parameter group (or no parameter is reached by the "
@@ -250,8 +257,8 @@ def estimate(
         )
     usable = structure is not None and structure.uniform
     if method == "structured" and not usable:
-        if clipped:
-            why = op.clip.describe()
+        if mapped:
+            why = "; ".join(op.gradient_map_notes())
         elif structure is None:
             why = "the full Adam variant has no 2x2 block structure"
         else:
@@ -282,7 +289,7 @@ def estimate(
         for side in sides:
             parts.append(
                 _arnoldi_side(op, frozen_structure, k, side, tol, warm, generator, ncv, maxiter,
-                              warm_here, op.similar_structure() if clipped else None)
+                              warm_here, op.similar_structure() if mapped else None)
             )
         out = _merge(parts)
         target = ", ".join(p["target"] for p in parts)
@@ -339,8 +346,7 @@ def estimate(
     residuals = out["residuals"]
     converged = out["converged"]
     msgs = [m for m in out["messages"] if m] + list(getattr(op, "notes", []))
-    if op.clip is not None:
-        msgs.append(op.clip.describe())
+    msgs += op.gradient_map_notes()
     if k > op.n_params - 2:  # the solvers' cap (structured: n - 2 modes; arnoldi: N - 2 values)
         msgs.append(
             f"k={k} modes per side asked, {len(out['s'])} computed: a Krylov solver finds at "
@@ -403,7 +409,7 @@ def estimate(
         kreiss_lower=float(kreiss.value) if growth_known else nan,
         residuals=np.asarray(residuals, dtype=np.float64),
         converged=np.asarray(converged, dtype=bool),
-        n_hvp=int(op.n_hvp - n_hvp0),
+        n_hvp=int(op.n_hvp - n_hvp0) + sum(int(h.n_hvp - n0) for h, n0 in helper_ops),
         seconds=time.perf_counter() - t0,
         method=chosen,
         variant=op.variant,
@@ -803,10 +809,7 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
             W = W.to(op.dtype)
         v0, v0_left = _start_blocks(sst, W, N)
         if similar is not None:
-            for b in range(N // n):
-                rows = slice(b * n, (b + 1) * n)
-                v0[rows] = op.clip.sqrt_jacobian(v0[rows])
-                v0_left[rows] = op.clip.sqrt_jacobian(v0_left[rows], inverse=True)
+            op.map_start(v0, v0_left)
             if not bool(v0.any()):  # a value clip that cuts every entry: C = 0, no curvature
                 v0 = v0_left = None
         if v0 is not None and (op.structure() is not None or similar is not None):

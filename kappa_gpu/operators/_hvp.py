@@ -63,6 +63,11 @@ Determinism and non-interference (what every product sees):
   one at the new point.
 - Parameters are as the training step sees them; every parameter not differentiated (frozen,
   or not in ``params``) is a constant.
+- ``nn.Embedding(padding_idx=p)`` with a differentiated weight is evaluated with
+  ``padding_idx=None`` (restored after each evaluation; the forward pass is the same): the
+  gradient and the products are those of the loss itself. torch's own second derivatives
+  through ``padding_idx`` follow neither the loss nor the masked gradient. The update operators
+  apply the step's mask of row ``p`` themselves.
 
 Under ``torch.distributed`` (details in :mod:`kappa_gpu._distributed`): a
 ``DistributedDataParallel`` model is unwrapped to ``model.module`` (``DataParallel`` and
@@ -280,6 +285,24 @@ class _HVPEngine:
             n: b for n, b in model.named_buffers() if n not in none_buffers and b is not None
         }
         self._mutable: set[str] = set()  # buffers a forward pass mutates: cloned per call
+        # nn.Embedding(padding_idx=p) with a differentiated weight: torch masks row p of the
+        # weight's gradient, but its second derivatives do not follow the mask (reverse over
+        # reverse gives a symmetric matrix that is neither the loss's Hessian nor the masked
+        # gradient's Jacobian). Every evaluation here runs them with padding_idx=None (the
+        # forward pass is the same): gradient and products are the loss's own; the update
+        # operator applies the step's mask itself. (param index, module name, row, tied)
+        uses: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        index_of = {id(p): i for i, p in enumerate(params)}
+        self._padded_modules: list[torch.nn.Embedding] = []
+        self.padded: list[tuple[int, str, int, bool]] = []
+        for mname, mod in model.named_modules():
+            if (type(mod) is torch.nn.Embedding and mod.padding_idx is not None
+                    and id(mod.weight) in index_of):
+                self._padded_modules.append(mod)
+                self.padded.append((index_of[id(mod.weight)], mname, int(mod.padding_idx),
+                                    uses[id(mod.weight)] > 1))
         self._modes = [(m, m.training) for m in model.modules()]
         #: more staleness checks, run by check_fresh (the update operator's hyper-parameters)
         self.fresh_checks: list[Callable[[], None]] = []
@@ -311,6 +334,23 @@ class _HVPEngine:
             for n in self._mutable:
                 tensors[n] = self._buffers[n].clone()
         tensors.update(zip(self.names, ptensors, strict=True))
+        with self._padding_off():
+            return self._batches_loss(tensors, wrap)
+
+    @contextlib.contextmanager
+    def _padding_off(self) -> Iterator[None]:
+        """``padding_idx=None`` on the differentiated embeddings for one evaluation (restored
+        on exit, also on an error): the loss's own gradient and Hessian (see ``padded``)."""
+        saved = [(mod, mod.padding_idx) for mod in self._padded_modules]
+        try:
+            for mod, _ in saved:
+                mod.padding_idx = None
+            yield
+        finally:
+            for mod, idx in saved:
+                mod.padding_idx = idx
+
+    def _batches_loss(self, tensors: dict[str, Any], wrap: bool) -> torch.Tensor:
         total = None
         for i, (inputs, targets) in enumerate(self.batches):
             if not wrap:

@@ -226,37 +226,65 @@ class GradientClip:
                 "does not take (estimate runs arnoldi)")
 
 
-class _ClippedHessian(HessianOperator):
-    """``Ht = sign C H + diag(shift)``: the curvature the clipped step sees (``C``: the clip's
-    symmetric Jacobian, :class:`GradientClip`); its adjoint is ``sign H C + diag(shift)``."""
+class _GradientMap:
+    """``K = C M``: the linear map between the loss's gradient and the one the step takes.
 
-    def __init__(self, engine: _HVPEngine, clip: GradientClip, sign: float = 1.0,
+    ``M`` zeroes the padding rows of ``nn.Embedding(padding_idx=p)`` weights (torch masks
+    their gradient; None: no such row reached), ``C`` is the active clip's Jacobian at ``M g``
+    (None: no active clip). They commute (the norm clip's direction ``M g`` lies in ``M``'s
+    range; the value clip's ``C`` is diagonal), so ``K`` is symmetric with the square root
+    ``C^1/2 M``.
+    """
+
+    def __init__(self, clip: GradientClip | None, mask: torch.Tensor | None):
+        self.clip = clip if clip is not None and clip.active else None
+        self.mask = mask
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``K x`` (= ``K^T x``), a new tensor; ``x`` of shape ``(n,)`` or ``(n, s)``."""
+        if self.mask is not None:
+            x = x * (self.mask[:, None] if x.ndim == 2 else self.mask)
+        return self.clip.jacobian(x) if self.clip is not None else x.clone()
+
+    def sqrt(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """``K^1/2 x``; ``inverse``: ``C^-1/2 x`` (``M`` has no inverse: left as it is)."""
+        y = self.clip.sqrt_jacobian(x, inverse) if self.clip is not None else x.clone()
+        if self.mask is not None and not inverse:
+            y = y * (self.mask[:, None] if y.ndim == 2 else self.mask)
+        return y
+
+
+class _MappedHessian(HessianOperator):
+    """``Ht = sign K H + diag(shift)``: the curvature the step sees through the gradient map
+    ``K`` (:class:`_GradientMap`: clip, padding rows); its adjoint is ``sign H K + diag(shift)``."""
+
+    def __init__(self, engine: _HVPEngine, gmap: _GradientMap, sign: float = 1.0,
                  shift: float | torch.Tensor | None = None):
         super().__init__(engine, sign=sign, shift=shift)
-        self.clip = clip
+        self.gmap = gmap
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        return self._signed(self.clip.jacobian(self._engine.hvp(x)), x)
+        return self._signed(self.gmap.apply(self._engine.hvp(x)), x)
 
     def _rmatvec(self, x: torch.Tensor) -> torch.Tensor:
-        return self._signed(self._engine.hvp(self.clip.jacobian(x)), x)
+        return self._signed(self._engine.hvp(self.gmap.apply(x)), x)
 
     _matmat = _matvec
     _rmatmat = _rmatvec
 
 
-class _SymmetrizedClippedHessian(HessianOperator):
-    """``sign C^1/2 H C^1/2 + diag(shift)``: symmetric, and similar to the clipped curvature
-    ``sign C H + shift`` when the shift is a scalar (``C^-1/2 (C H) C^1/2``). Only a start
-    subspace is computed with it (:meth:`UpdateOperator.similar_structure`)."""
+class _SymmetrizedMappedHessian(HessianOperator):
+    """``sign K^1/2 H K^1/2 + diag(shift)``: symmetric, and similar to the mapped curvature
+    ``sign K H + shift`` when ``K`` is invertible and the shift a scalar. Only a start subspace
+    is computed with it (:meth:`UpdateOperator.similar_structure`)."""
 
-    def __init__(self, engine: _HVPEngine, clip: GradientClip, sign: float = 1.0,
+    def __init__(self, engine: _HVPEngine, gmap: _GradientMap, sign: float = 1.0,
                  shift: float | torch.Tensor | None = None):
         super().__init__(engine, sign=sign, shift=shift)
-        self.clip = clip
+        self.gmap = gmap
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.clip.sqrt_jacobian
+        r = self.gmap.sqrt
         return self._signed(r(self._engine.hvp(r(x))), x)
 
     _rmatvec = _matvec
@@ -264,10 +292,10 @@ class _SymmetrizedClippedHessian(HessianOperator):
     _rmatmat = _matvec
 
 
-def _curvature(engine: _HVPEngine, clip: GradientClip | None, sign: float,
+def _curvature(engine: _HVPEngine, gmap: _GradientMap | None, sign: float,
                shift: float | torch.Tensor | None) -> HessianOperator:
-    if clip is not None and clip.active:
-        return _ClippedHessian(engine, clip, sign=sign, shift=shift)
+    if gmap is not None:
+        return _MappedHessian(engine, gmap, sign=sign, shift=shift)
     return HessianOperator(engine, sign=sign, shift=shift)
 
 
@@ -383,6 +411,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         block_spec: BlockSpec,
         backend: tuple[str, str, str] = ("torch", "torch", "backend='torch' was requested"),
         clip: GradientClip | None = None,
+        gmap: _GradientMap | None = None,
+        padding: list[str] | None = None,
     ):
         n = engine.n
         super().__init__((len(blocks) * n, len(blocks) * n), engine.dtype, engine.device)
@@ -400,7 +430,10 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         self.seed = engine.seed
         #: the gradient clipping the step applies (None: none), see :class:`GradientClip`
         self.clip = clip
-        self._clip = clip if clip is not None and clip.active else None
+        #: the nn.Embedding padding rows the step does not take (``"emb.weight[0]"``), if
+        #: the batch reaches them
+        self.padding = list(padding or [])
+        self._gmap = gmap
         self._ht = hessian
         self._coefs = coefs
         self._order = order
@@ -478,7 +511,7 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
     def structure(self) -> BlockStructure | None:
         """The :class:`BlockStructure` (DESIGN.md section 3), or None for Adam's full variant
         and where gradient clipping is active (``C H`` is not symmetric)."""
-        if self._order == 0 or self._clip is not None:
+        if self._order == 0 or self._gmap is not None:
             return None
         return self._structure(self._ht)
 
@@ -489,11 +522,38 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         for SGD with one learning rate and weight decay and a norm clip; for Adam (a
         per-entry D) it is a close start. None without an active clip, and for Adam's full
         variant."""
-        if self._order == 0 or self._clip is None:
+        if self._order == 0 or self._gmap is None:
             return None
         ht = self._ht
-        sym = _SymmetrizedClippedHessian(self._engine, self._clip, sign=ht.sign, shift=ht.shift)
+        sym = _SymmetrizedMappedHessian(self._engine, self._gmap, sign=ht.sign, shift=ht.shift)
         return self._structure(sym)
+
+    @property
+    def maps_gradient(self) -> bool:
+        """Whether the step changes the gradient before its update rule here (an active clip,
+        padding rows the batch reaches): then ``Ht = sign K H + shift`` is not symmetric."""
+        return self._gmap is not None
+
+    def map_start(self, v0: torch.Tensor, v0_left: torch.Tensor) -> None:
+        """Map start blocks of :meth:`similar_structure`'s modes to J's (in place): each
+        ``n``-row block by ``K^1/2`` (right) and ``C^-1/2`` (left)."""
+        assert self._gmap is not None
+        n = self.n_params
+        for b in range(self.shape[0] // n):
+            rows = slice(b * n, (b + 1) * n)
+            v0[rows] = self._gmap.sqrt(v0[rows])
+            v0_left[rows] = self._gmap.sqrt(v0_left[rows], inverse=True)
+
+    def gradient_map_notes(self) -> list[str]:
+        """What the step does to the gradient before the update rule, as report sentences."""
+        out = [] if self.clip is None else [self.clip.describe()]
+        if self.padding:
+            out.append(
+                f"nn.Embedding padding_idx row(s) {', '.join(self.padding)} are reached by the "
+                "batch, but the step does not take their gradient (torch zeroes it): J holds "
+                "the masked curvature M H, which is not symmetric (estimate runs arnoldi)"
+            )
+        return out
 
     def _structure(self, hessian: HessianOperator) -> BlockStructure:
         n, k = self.n_params, self._coefs
@@ -606,8 +666,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         xs = self.split(x)
         out = torch.empty_like(x)
         hv = self._engine.hvp(xs[0])
-        if self._clip is not None:  # the passes apply sign and L2 decay to C H x
-            hv = self._clip.jacobian(hv)
+        if self._gmap is not None:  # the passes apply sign and L2 decay to K H x
+            hv = self._gmap.apply(hv)
         blocks.matvec(xs, hv, out=self.split(out))
         self._check_fused(blocks)
         return out
@@ -616,7 +676,7 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         blocks = self._blocks
         ys = self.split(y)
         u = blocks.rmatvec_pre(ys)
-        hv = self._engine.hvp(u if self._clip is None else self._clip.jacobian(u))
+        hv = self._engine.hvp(u if self._gmap is None else self._gmap.apply(u))
         out = torch.empty_like(y)
         blocks.rmatvec_post(ys, hv, out=self.split(out))
         self._check_fused(blocks)
@@ -762,6 +822,10 @@ def update_operator(
           products of their own losses on their own batches; with mean-reduced losses on
           equal-size local batches that is the Hessian of the global-batch mean loss. The
           optimizer state must be the same on every rank (it is under DDP training);
+        - ``nn.Embedding(padding_idx=p)``: torch zeroes row ``p`` of the weight's gradient, so
+          where the batch reaches that row the step's curvature is ``M H`` (``op.padding``
+          names the rows; not symmetric: ``structure()`` is None); exact for an untied
+          embedding, approximate (warned) for one whose weight a tied output layer shares;
         - Adam's full variant: where ``v'`` is tiny (e.g. a bias feeding a BatchNorm, whose
           gradient is ~1e-17), ``q ~ m' / (denom^2 sqrt(v'))`` is huge but exact: the real step
           is that sensitive there.
@@ -858,10 +922,16 @@ def update_operator(
         hvp=hvp,
     )
     g = engine.gradient()
+    mask, padding, tied = _padding_mask(engine, g)
+    if mask is not None:
+        g = g * mask  # torch zeroes the padding rows' gradient
     clip = None
     if clip_spec is not None:
         clip = GradientClip(*clip_spec, g)
         g = clip.clipped(g)  # the gradient the step takes (Adam's moments see it)
+    gmap = None
+    if mask is not None or (clip is not None and clip.active):
+        gmap = _GradientMap(clip, mask)
     # A parameter the loss does not reach gets grad None, and optimizer.step() skips it; but
     # step() takes every parameter whose .grad is not None: a zero gradient left by
     # zero_grad(set_to_none=False) still gets momentum and weight decay.
@@ -887,13 +957,22 @@ def update_operator(
         logger.debug("update operator (%s): fused CuPy kernels: %s", kind, reason)
     bk = (backend, chosen, reason)
     if kind == "sgd":
-        op = _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign, bk, clip)
+        op = _sgd(engine, optimizer, groups, active_list, has_state, active, pe, sign, bk, gmap)
     else:
         op = _adam(
             engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, bk,
-            clip,
+            gmap,
         )
+    op.clip, op.padding = clip, padding
     op.notes = _left_out(params, optimizer, sorted(engine._mutable))
+    if tied:
+        op.notes.append(
+            f"nn.Embedding padding_idx row(s) {', '.join(tied)} belong to a weight shared with "
+            "another module (a tied output layer): the step zeroes only the embedding's share "
+            "of their gradient, which the operator does not separate, so J's rows there are "
+            "the loss's full curvature (approximate); an untied embedding, or padding_idx=None, "
+            "gives the exact J"
+        )
     if clip is not None and clip.kind == "norm":
         held = {id(p) for p in params}
         outside = sum(p.numel() for p in model.parameters()
@@ -909,6 +988,33 @@ def update_operator(
     for note in op.notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     return op
+
+
+def _padding_mask(
+    engine: _HVPEngine, g: torch.Tensor
+) -> tuple[torch.Tensor | None, list[str], list[str]]:
+    """``(M, rows, tied rows)``: the mask of the ``nn.Embedding(padding_idx)`` rows the batch
+    reaches (their loss gradient is nonzero; the engine evaluates the loss with
+    ``padding_idx=None``) in untied weights, whose gradient the step does not take; the names
+    of those rows; and those of reached rows in weights shared with another module."""
+    offsets = [0]
+    for k in engine.numels:
+        offsets.append(offsets[-1] + k)
+    mask, rows, tied = None, [], []
+    for i, mname, idx, shared in engine.padded:
+        width = engine.params[i].shape[1]
+        lo = offsets[i] + idx * width
+        if not bool(g[lo:lo + width].any()):
+            continue  # the batch does not reach the row: nothing is masked
+        name = f"{mname + '.' if mname else ''}weight[{idx}]"
+        if shared:
+            tied.append(name)
+            continue
+        if mask is None:
+            mask = torch.ones_like(g)
+        mask[lo:lo + width] = 0
+        rows.append(name)
+    return mask, rows, tied
 
 
 def _clip_spec(norm: float | None, value: float | None) -> tuple[str, float] | None:
@@ -1004,7 +1110,7 @@ def _missing_state(optimizer, kind: str, p: torch.Tensor, group: dict):
 
 
 def _sgd(
-    engine, optimizer, groups, active_list, has_state, active, pe, sign, backend, clip
+    engine, optimizer, groups, active_list, has_state, active, pe, sign, backend, gmap
 ) -> UpdateOperator:
     lr = [scalar(g["lr"]) for g in groups]
     mu = [scalar(g["momentum"]) for g in groups]
@@ -1012,7 +1118,7 @@ def _sgd(
     wd = [scalar(g["weight_decay"]) for g in groups]
     nesterov = [bool(g["nesterov"]) for g in groups]
     D = [eta if act else 0.0 for eta, act in zip(lr, active_list, strict=True)]
-    hessian = _curvature(engine, clip, sign, pe.expand(wd))
+    hessian = _curvature(engine, gmap, sign, pe.expand(wd))
     if all(m == 0.0 for m in mu):
         per = {"a": [1.0] * len(lr), "c": [1.0] * len(lr)}
         coefs = {"D": pe.expand(D), "a": 1.0, "c": 1.0}
@@ -1033,7 +1139,7 @@ def _sgd(
             active=active,
             block_spec=spec1,
             backend=backend,
-            clip=clip,
+            gmap=gmap,
         )
     per: dict[str, list[float]] = {k: [] for k in ("a", "a2", "b", "beta", "c")}
     for m, dd, nest, act, has in zip(mu, d, nesterov, active_list, has_state, strict=True):
@@ -1066,12 +1172,12 @@ def _sgd(
         active=active,
         block_spec=spec2,
         backend=backend,
-        clip=clip,
+        gmap=gmap,
     )
 
 
 def _adam(
-    engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, backend, clip
+    engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, backend, gmap
 ) -> UpdateOperator:
     dt, dev = engine.dtype, engine.device
     decoupled = [bool(gr.get("decoupled_weight_decay", False)) for gr in groups]
@@ -1119,7 +1225,7 @@ def _adam(
             qs.append((lr[i] / bc1) * m_new * inv / denom**2)
             rs.append(2.0 * (1.0 - b2[i]) * gt)
     D = torch.cat(Ds)
-    hessian = _curvature(engine, clip, sign, pe.expand(wd_l2))
+    hessian = _curvature(engine, gmap, sign, pe.expand(wd_l2))
     # inactive parameters (skipped by torch): theta stays, and so does the state if it exists
     stay = [1.0 if h else 0.0 for h in has_state]
     if full:
@@ -1149,7 +1255,7 @@ def _adam(
             active=active,
             block_spec=spec_full,
             backend=backend,
-            clip=clip,
+            gmap=gmap,
         )
     per = {
         "a": [1.0 - x if a else 0.0 for x, a in zip(b1, active_list, strict=True)],
@@ -1177,5 +1283,5 @@ def _adam(
         active=active,
         block_spec=spec_frozen,
         backend=backend,
-        clip=clip,
+        gmap=gmap,
     )

@@ -1,0 +1,155 @@
+"""``nn.Embedding(padding_idx=p)``: the step does not take row ``p``'s gradient.
+
+torch zeroes the padding row's gradient, but its second derivatives do not follow the mask
+(reverse over reverse returns a symmetric matrix that is neither the loss's Hessian nor the
+masked gradient's Jacobian: J was 1e-2 off finite differences). The engine evaluates the loss
+with ``padding_idx=None`` (the same forward pass) and the update operator applies the mask:
+``Ht = M H``. Oracles: finite differences of real ``optimizer.step()`` calls, dense ``eig``,
+autograd's Hessian of the unmasked loss.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from _cases import fd_jacobian, one_thread, take_steps
+
+import kappa_gpu as kg
+from kappa_gpu import hessian_operator, update_operator
+
+V, E = 12, 5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def rel_err(A: torch.Tensor, B: torch.Tensor) -> float:
+    return ((A - B).norm() / B.norm()).item()
+
+
+def ce(out, tgt):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), tgt.reshape(-1))
+
+
+class Tagger(nn.Module):
+    def __init__(self, tied: bool = False, padding_idx: int | None = 0):
+        super().__init__()
+        self.emb = nn.Embedding(V, E, padding_idx=padding_idx)
+        self.h = nn.Linear(E, E)
+        self.out = nn.Linear(E, V)
+        if tied:
+            self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.h(self.emb(ids))))
+
+
+def _case(opt_kind="sgd", tied=False, with_pad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (4, 5), generator=g)
+    if with_pad:
+        ids[:, -2:] = 0  # padded sequences
+    tgt = torch.randint(0, V, (4, 5), generator=g)
+    torch.manual_seed(seed + 1)
+    model = Tagger(tied).double()
+    if opt_kind == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    take_steps(model, opt, ce, (ids, tgt), 3)
+    return model, opt, ce, (ids, tgt)
+
+
+@pytest.mark.parametrize("opt_kind, variant, hvp", [
+    ("sgd", None, "auto"), ("sgd", None, "forward"), ("adamw", "full", "auto"),
+])  # fmt: skip
+def test_padding_rows_reached_by_the_batch_match_real_steps(opt_kind, variant, hvp):
+    case = _case(opt_kind)
+    model = case[0]
+    op = update_operator(*case, variant=variant, hvp=hvp)
+    assert op.padding == ["emb.weight[0]"] and op.maps_gradient and op.structure() is None
+    assert model.emb.padding_idx == 0  # restored after the build and the products
+    A = op.to_dense()
+    assert model.emb.padding_idx == 0
+    J_fd = fd_jacobian(*case)
+    # Adam: exp_avg_sq is exactly 0 in rows that never had a gradient (the padding row, a
+    # token the batch lacks), where the relative finite-difference step is 0: those columns
+    # are not measurable
+    ok = torch.isfinite(J_fd).all(0)
+    assert int((~ok).sum()) <= 3 * E
+    assert rel_err(A[:, ok], J_fd[:, ok]) <= 1e-6
+    y = torch.randn(A.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert rel_err(op.rmatmat(y), A.T @ y) <= 1e-12
+
+
+def test_padding_with_a_clip_matches_real_clipped_steps():
+    case = _case("sgd")
+    g = torch.cat([p.grad.reshape(-1) for p in case[0].parameters()])  # last step's, a scale
+    c = 0.3 * g.norm().item()
+    op = update_operator(*case, clip_grad_norm=c)
+    assert op.clip.active and op.padding
+    assert rel_err(op.to_dense(), fd_jacobian(*case, clip=("norm", c))) <= 1e-6
+
+
+def test_estimate_with_padding_rows_against_dense_eig():
+    case = _case("sgd")
+    r = kg.estimate(*case, k=3, tol=1e-8)
+    assert r.method == "arnoldi" and bool(np.all(r.converged))
+    assert "padding_idx row(s) emb.weight[0]" in r.message
+    ev = np.linalg.eigvals(fd_jacobian(*case).numpy())
+    assert max(np.min(np.abs(ev - z)) for z in np.asarray(r.eigenvalues)) <= 1e-6
+    with pytest.raises(ValueError, match="structured.*padding_idx"):
+        kg.estimate(*case, k=3, method="structured")
+
+
+def test_padding_rows_the_batch_does_not_reach_change_nothing():
+    case = _case("sgd", with_pad=False)
+    op = update_operator(*case)
+    assert op.padding == [] and not op.maps_gradient and op.structure() is not None
+    assert rel_err(op.to_dense(), fd_jacobian(*case)) <= 1e-6
+
+
+def test_a_tied_padding_row_is_said_to_be_approximate():
+    case = _case("sgd", tied=True)
+    with pytest.warns(UserWarning, match="shared with another module"):
+        op = update_operator(*case)
+    assert any("tied output layer" in n for n in op.notes)
+
+
+def test_hessian_operator_with_padding_is_the_losss_own_hessian():
+    """The Hessian of the loss (autograd through F.embedding without padding_idx: the same
+    function), symmetric; torch's reverse over reverse through padding_idx returned another,
+    also symmetric, matrix (zero where the padding row meets the other weights)."""
+    model, _, loss_fn, (ids, tgt) = _case("sgd")
+    params = list(model.parameters())
+    H = hessian_operator(model, loss_fn, (ids, tgt)).to_dense()
+    ref_model = copy.deepcopy(model)
+    ref_model.emb.padding_idx = None
+    names = [n for n, _ in ref_model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def f(flat):
+        out, o = {}, 0
+        for n, p in zip(names, params, strict=True):
+            out[n] = flat[o:o + p.numel()].reshape(p.shape)
+            o += p.numel()
+        return loss_fn(torch.func.functional_call(ref_model, out, (ids,)), tgt)
+
+    H_ref = torch.autograd.functional.hessian(f, flat0)
+    assert rel_err(H, H_ref) <= 1e-10 and rel_err(H, H.T) <= 1e-12
+    assert model.emb.padding_idx == 0
+
+
+def test_padding_idx_is_restored_when_the_forward_fails():
+    model, opt, loss_fn, (ids, tgt) = _case("sgd")
+    with pytest.raises(kg.operators.BatchError):
+        update_operator(model, opt, loss_fn, (ids.float(), tgt))  # float ids: embedding fails
+    assert model.emb.padding_idx == 0
