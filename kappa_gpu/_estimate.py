@@ -374,6 +374,11 @@ def estimate(
             + ("; method='structured' computes the modes' exact 2x2 blocks"
                if coeffs is not None else "")
         )
+    if not np.all(converged) and op.variant == "full":
+        floor = _adam_full_floor(op, z, tol)
+        if floor:
+            msgs.append(floor)
+            out["precision_limited"] = True
     if not np.all(converged):
         if out.get("precision_limited"):
             fix = "not a matter of ncv or maxiter (the cause is named above)"
@@ -450,6 +455,36 @@ def _fingerprint(op, optimizer) -> tuple:
     clip = None if op.clip is None else (op.clip.kind, op.clip.threshold, op.clip.active)
     return (op.kind, op.variant, op.shape[0], None if loss is None else float(loss),
             float(x.sum()), float((x * x).sum()), hyper, clip)
+
+
+def _adam_full_floor(op, z: np.ndarray, tol: float) -> str | None:
+    """The message when Adam's full J is too badly scaled for ``tol``: its coupling ``q`` of
+    theta to exp_avg_sq (``~ lr m / (denom^2 sqrt(v))``) is huge where exp_avg_sq is tiny, and
+    the products' rounding ``eps ||J|| >= eps max q`` then exceeds ``tol |z|``."""
+    q = op._coefs.get("q")
+    if not isinstance(q, torch.Tensor) or q.numel() == 0 or not len(z):
+        return None
+    qa = q.abs()
+    i = int(torch.argmax(qa))
+    qmax = float(qa[i])
+    eps = float(torch.finfo(op.dtype).eps)
+    zmin = max(float(np.min(np.abs(z))), eps ** (2.0 / 3.0))
+    if not eps * qmax > tol * zmin:
+        return None
+    engine = op._engine
+    offsets = np.cumsum([0, *engine.numels])
+    name = engine.names[int(np.searchsorted(offsets, i, side="right")) - 1]
+    return (
+        f"Adam's full variant: J's coupling of theta to exp_avg_sq reaches q = {qmax:.1e} (in "
+        f"{name}, whose exp_avg_sq is tiny: a gradient that is zero in exact arithmetic, such "
+        "as an attention key bias, gives q ~ lr m / (eps^2 sqrt(v))), so the products' "
+        f"rounding eps ||J|| >= {eps * qmax:.1e} is above tol |z| = {tol * zmin:.1e}: the "
+        "certificates (the left eigenvectors' first) cannot pass at this tol, and the "
+        "eigenvalue condition numbers are of that size too. "
+        + (f"Loosen tol to about {10 * eps * qmax / zmin:.0e}, use" if 10 * eps * qmax < 0.1 * zmin
+           else "Use")
+        + " variant='frozen', or set requires_grad=False on such parameters"
+    )
 
 
 def _scalar_coefficients(st) -> tuple[float, float, float, float, float]:

@@ -1021,3 +1021,44 @@ def test_arnoldi_rank_test_is_at_the_rounding_level_not_n_eps():
     assert "parallel" not in rep.message
     assert math.isfinite(rep.kappa_V) and math.isfinite(rep.transient_growth)
     assert rep.kappa_V == pytest.approx(ref.kappa_V, rel=0.02)
+
+
+def test_adam_full_with_a_gradient_zero_in_exact_arithmetic_names_the_rounding_floor():
+    """An attention key bias has a gradient that is zero in exact arithmetic (softmax ignores
+    a constant added to every key): its exp_avg_sq sits near 1e-39 and Adam's full J couples
+    theta to it with q ~ 8e15, exact but beyond float64's reach at tol 1e-8. The eigenvalues
+    are right; the certificates cannot pass. The message names the cause and does not advise
+    more ncv or maxiter."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class TF(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.1,
+                                                        batch_first=True)
+            self.fc = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.enc(x).mean(1))
+
+    def mse(o, t):
+        return ((o - t) ** 2).mean()
+
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 4, 8, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    with one_thread(), sdpa_kernel(SDPBackend.MATH):
+        torch.manual_seed(1)
+        m = TF().double().eval()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05)
+        for _ in range(4):
+            opt.zero_grad()
+            mse(m(x), y).backward()
+            opt.step()
+        r = estimate(m, opt, mse, (x, y), k=3, variant="full")
+        J = update_operator(m, opt, mse, (x, y), variant="full").to_dense().numpy()
+    ev = np.linalg.eigvals(J)
+    assert max(np.min(np.abs(ev - z)) for z in np.asarray(r.eigenvalues)) <= 1e-6
+    assert "coupling of theta to exp_avg_sq reaches q =" in r.message
+    assert "in_proj_bias" in r.message
+    assert "not a matter of ncv or maxiter" in r.message
+    assert r.message.count("raise ncv or maxiter") == 0

@@ -644,3 +644,23 @@ def test_a_continuation_that_does_not_help_returns_the_first_certificate():
     assert np.all(true <= 1.01), true  # rounding-level misses at most
     ref = np.sort(np.linalg.eigvalsh(S))
     np.testing.assert_allclose(np.sort(z), np.sort(np.r_[ref[-2:], ref[:2]]), rtol=1e-5)
+
+
+def test_left_eigenvectors_below_the_adjoints_rounding_floor_are_said_so():
+    """A badly scaled operator (an off-diagonal block of 1e12): the right run, started in the
+    first block's invariant subspace, converges; the adjoint's left eigenvectors are dominated
+    by the huge block and their residuals cannot reach tol |z| (eps ||A|| ~ 1e-3). The status
+    names the rounding floor instead of advising more ncv or maxiter."""
+    rng = np.random.default_rng(0)
+    n = 60
+    A = np.zeros((2 * n, 2 * n))
+    A[:n, :n] = np.diag(np.linspace(2, 3, n))
+    A[n:, n:] = np.diag(np.linspace(0, 1, n))
+    A[:n, n:] = 1e12 * rng.standard_normal((n, n))
+    v0 = np.zeros(2 * n)
+    v0[:n] = rng.standard_normal(n)
+    r = eigs(torch.from_numpy(A), k=2, which="LM", tol=1e-10, left=True, v0=torch.from_numpy(v0))
+    assert np.allclose(np.sort(r.eigenvalues.real.numpy()), [3 - 1 / 59, 3], atol=1e-9)
+    assert not bool(r.converged.any())
+    assert "rounding eps ||A||" in r.status and "not a matter of ncv or maxiter" in r.status
+    assert "raise ncv or maxiter" not in r.status

@@ -441,9 +441,21 @@ def eigs(
         n_cert += n_c2
         if not ok.all():
             bad = ", ".join(f"{complex(z):.6g}" for z in run.theta[~ok])
+            # The adjoint's rounding floor: eps ||A|| (||A|| >= ||H||) above tol |z| is not
+            # cured by more steps (e.g. a badly scaled operator whose left eigenvectors are
+            # dominated by its huge entries).
+            norm_h = float(np.linalg.norm(runl.hessenberg, 2)) if runl.hessenberg is not None \
+                and runl.hessenberg.size else 0.0
+            eps_a = float(torch.finfo(A.dtype).eps)
+            floor = eps_a * norm_h
+            need = tol * float(np.min(scale[~ok]))
+            fix = ("raise ncv or maxiter" if not floor > need else
+                   f"the adjoint's products carry rounding eps ||A|| >= {floor:.1e} (||A|| >= "
+                   f"{norm_h:.1e}, from its Krylov projection), above tol |z| = {need:.1e}: "
+                   "not a matter of ncv or maxiter; loosen tol or rescale the operator")
             status += (
                 f"; left eigenvectors not found/converged for {bad} (the adjoint run converged "
-                f"to {runl.nconv} of {len(runl.theta)}); raise ncv or maxiter"
+                f"to {runl.nconv} of {len(runl.theta)}); {fix}"
             )
         converged &= ok
 
