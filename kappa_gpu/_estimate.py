@@ -346,6 +346,7 @@ def estimate(
     residuals = out["residuals"]
     converged = out["converged"]
     msgs = [m for m in out["messages"] if m] + list(getattr(op, "notes", []))
+    msgs += [m for m in getattr(op._engine, "notes", []) if m not in msgs]
     msgs += op.gradient_map_notes()
     if k > op.n_params - 2:  # the solvers' cap (structured: n - 2 modes; arnoldi: N - 2 values)
         msgs.append(

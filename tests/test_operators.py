@@ -29,6 +29,7 @@ from _cases import (
     mse,
     one_thread,
     sgd_case,
+    take_steps,
     trainable,
 )
 
@@ -949,3 +950,41 @@ def test_sparse_gradients_are_refused_at_the_door():
     opt.step()
     with pytest.raises(UnsupportedConfigurationError, match="sparse=True"):
         update_operator(m, opt, F.cross_entropy, (x, y))
+
+
+def test_forward_mode_says_when_torch_func_draws_another_dropout_mask():
+    """Under torch.func, dropout on a non-contiguous tensor draws its mask in another element
+    order than eager autograd (torch 2.13): forward-mode products then see another mask than
+    the gradient the operator was built with (J 1e-1 off real steps with the same seed). Said
+    once (UserWarning; in estimate's message); a contiguous dropout input stays silent."""
+    import warnings
+
+    class T(nn.Module):
+        def __init__(self, transpose):
+            super().__init__()
+            self.lin, self.out, self.transpose = nn.Linear(3, 4), nn.Linear(5, 2), transpose
+
+        def forward(self, x):  # x: (5, 3)
+            h = torch.tanh(self.lin(x))  # (5, 4)
+            h = F.dropout(h.t() if self.transpose else h.t().contiguous(), 0.3, self.training)
+            return self.out(h)  # (4, 2)
+
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def mse(o, t):
+        return ((o - t) ** 2).mean()
+
+    for transpose in (True, False):
+        torch.manual_seed(0)
+        m = T(transpose).double()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        take_steps(m, opt, mse, (x, y), 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            op = update_operator(m, opt, mse, (x, y), hvp="forward")
+            op.matvec(op.state_vector())
+            op.matvec(op.state_vector())
+        said = [w for w in caught if "another random draw" in str(w.message)]
+        assert len(said) == (1 if transpose else 0)
+        assert len(op._engine.notes) == (1 if transpose else 0)

@@ -318,6 +318,11 @@ class _HVPEngine:
         # forward mode's checks (_check_forward): the graph searched, a nonzero product seen
         self._graph_searched = False
         self._zero_checked = False
+        # forward mode: the local eager gradient, compared once with torch.func's (the same
+        # random draw?); what the products see differently, as report notes
+        self._eager_grads: list[torch.Tensor | None] | None = None
+        self._rng_checked = False
+        self.notes: list[str] = []
         # why the products cannot be right (a cut in the gradient's graph): raised by every
         # product once found
         self._cut: str | None = None
@@ -511,6 +516,7 @@ class _HVPEngine:
             return loss.detach(), bool(loss.requires_grad), None
         if self.hvp_choice == "forward":
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            self._eager_grads = list(grads)
             return loss.detach(), True, list(grads)
         # The products' graph, built with the gradient the build needs anyway (module docs).
         with torch.enable_grad():
@@ -519,7 +525,8 @@ class _HVPEngine:
         self._graph_searched = True
         if _cut_nodes(grads):
             self._cut = _PARTIAL_CUT  # raised by every product (_local_hvp)
-        return loss.detach(), True, [None if g is None else g.detach() for g in grads]
+        self._eager_grads = [None if g is None else g.detach() for g in grads]
+        return loss.detach(), True, self._eager_grads
 
     def _average_gradient(
         self,
@@ -655,8 +662,43 @@ class _HVPEngine:
                 self.mode = mode
         if self.mode == FORWARD_OVER_REVERSE and not self._zero_checked:
             self._check_forward(V, out)
+        if self.mode == FORWARD_OVER_REVERSE and not self._rng_checked:
+            self._check_randomness()
         self.n_hvp += s
         return out
+
+    def _check_randomness(self) -> None:
+        """Once, at the first forward-mode product: does torch.func's evaluation of the loss
+        draw what the eager gradient drew? Under torch.func, dropout on a non-contiguous tensor
+        (inside ``nn.MultiheadAttention``, ``TransformerEncoderLayer(batch_first=True)``) draws
+        its mask in another element order (torch 2.13), so the products would see another mask
+        than the gradient the operator was built with. Costs one gradient evaluation."""
+        self._rng_checked = True
+        eager = self._eager_grads
+        self._eager_grads = None
+        if eager is None:
+            return
+        with self._seeded(), torch.enable_grad():
+            func = grad(self._loss)(self._primals)
+        num = den = 0.0
+        for e, f in zip(eager, func, strict=True):
+            e = torch.zeros_like(f) if e is None else e
+            num += float(torch.sum((e.double() - f.double()) ** 2))
+            den += float(torch.sum(e.double() ** 2))
+        rel = math.sqrt(num / den) if den > 0 else math.sqrt(num)
+        if rel <= math.sqrt(float(torch.finfo(self.dtype).eps)):
+            return
+        note = (
+            "forward-mode products (hvp='forward', or the fallback where double backward is "
+            "missing) see another random draw than the gradient the operator was built with "
+            f"(they differ by {rel:.1e}): under torch.func, dropout on a non-contiguous tensor "
+            "(e.g. inside nn.MultiheadAttention or TransformerEncoderLayer(batch_first=True)) "
+            "draws its mask in another element order. The products are exact for one fixed "
+            "mask, but Adam's preconditioner saw another. For one consistent mask use "
+            "hvp='auto' (reverse mode, the default) or put the dropout modules in eval mode"
+        )
+        self.notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=4)
 
     def _check_forward(self, V: torch.Tensor, out: torch.Tensor) -> None:
         """Forward mode reads through a backward computed outside autograd (a custom Function

@@ -786,7 +786,9 @@ def update_operator(
             model has no double backward; ``"forward"``: ``jvp`` of ``grad``, nothing kept
             between products (a batched product then holds the dual activations of all its
             columns at once). ``op.hvp_mode`` says which is in use; the two agree to float
-            rounding (:mod:`kappa_gpu.operators._hvp`).
+            rounding (:mod:`kappa_gpu.operators._hvp`), except where torch.func draws another
+            dropout mask than eager autograd (dropout on a non-contiguous tensor, e.g. in
+            ``nn.MultiheadAttention``): forward mode checks this once and warns.
         clip_grad_norm: the ``max_norm`` of a ``torch.nn.utils.clip_grad_norm_(params,
             max_norm)`` the training step runs before ``optimizer.step()`` (2-norm over the
             optimizer's parameters; the Hugging Face Trainer's ``max_grad_norm``, Lightning's
