@@ -331,6 +331,11 @@ def fd_jacobian(
         return _fd_jacobian(model, optimizer, loss_fn, batch, blocks, rel_step, seed, clip)
 
 
+def rel_err(A: torch.Tensor, B: torch.Tensor) -> float:
+    """``||A - B|| / ||B||`` (Frobenius), the tests' relative error."""
+    return ((A - B).norm() / B.norm()).item()
+
+
 @contextlib.contextmanager
 def one_thread():
     """Run with one intra-op thread: on tiny models more threads only add synchronization,

@@ -14,7 +14,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _cases import ADAM_CASES, SGD_CASES, dense_gradient, fd_jacobian, one_thread, trainable
+from _cases import (
+    ADAM_CASES,
+    SGD_CASES,
+    dense_gradient,
+    fd_jacobian,
+    one_thread,
+    rel_err,
+    trainable,
+)
 from test_operators import adam_frozen_dense
 
 import kappa_gpu as kg
@@ -29,9 +37,6 @@ def _one_thread():
     with one_thread():
         yield
 
-
-def rel_err(A: torch.Tensor, B: torch.Tensor) -> float:
-    return ((A - B).norm() / B.norm()).item()
 
 
 def _gradient(case) -> torch.Tensor:

@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-from _cases import ADAM_CASES, SGD_CASES, cast_case, fd_jacobian, one_thread
+from _cases import ADAM_CASES, SGD_CASES, cast_case, fd_jacobian, one_thread, rel_err
 from test_kernels_dispatch import fake_cupy_without_nvrtc
 
 from kappa_gpu import update_operator
@@ -43,9 +43,6 @@ def fresh(monkeypatch):
     monkeypatch.setattr(_cupy, "_STATUS", None)
     monkeypatch.setattr(_dispatch, "_warned", False)
 
-
-def rel_err(A: torch.Tensor, B: torch.Tensor) -> float:
-    return ((A - B).norm() / B.norm()).item()
 
 
 def _products(op, gen, s: int = 3) -> list[torch.Tensor]:

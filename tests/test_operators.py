@@ -28,6 +28,7 @@ from _cases import (
     make_batch,
     mse,
     one_thread,
+    rel_err,
     sgd_case,
     take_steps,
     trainable,
@@ -63,9 +64,6 @@ def _one_thread():
 #: (case name, variant) for every operator configuration
 CONFIGS = [(k, None) for k in SGD_CASES] + [(k, v) for k in ADAM_CASES for v in ("frozen", "full")]
 
-
-def rel_err(A: torch.Tensor, B: torch.Tensor) -> float:
-    return ((A - B).norm() / B.norm()).item()
 
 
 def build(name: str, variant=None, **kw) -> tuple[UpdateOperator, tuple]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _cases import fd_jacobian, one_thread, take_steps
+from _cases import fd_jacobian, one_thread, rel_err, take_steps
 
 import kappa_gpu as kg
 from kappa_gpu import hessian_operator, update_operator
@@ -30,9 +30,6 @@ def _one_thread():
     with one_thread():
         yield
 
-
-def rel_err(A: torch.Tensor, B: torch.Tensor) -> float:
-    return ((A - B).norm() / B.norm()).item()
 
 
 def ce(out, tgt):
