@@ -475,16 +475,17 @@ def _adam_full_floor(op, z: np.ndarray, tol: float) -> str | None:
     engine = op._engine
     offsets = np.cumsum([0, *engine.numels])
     name = engine.names[int(np.searchsorted(offsets, i, side="right")) - 1]
+    reachable = 10 * eps * qmax < 0.1 * zmin
     return (
         f"Adam's full variant: J's coupling of theta to exp_avg_sq reaches q = {qmax:.1e} (in "
-        f"{name}, whose exp_avg_sq is tiny: a gradient that is zero in exact arithmetic, such "
-        "as an attention key bias, gives q ~ lr m / (eps^2 sqrt(v))), so the products' "
-        f"rounding eps ||J|| >= {eps * qmax:.1e} is above tol |z| = {tol * zmin:.1e}: the "
-        "certificates (the left eigenvectors' first) cannot pass at this tol, and the "
-        "eigenvalue condition numbers are of that size too. "
-        + (f"Loosen tol to about {10 * eps * qmax / zmin:.0e}, use" if 10 * eps * qmax < 0.1 * zmin
-           else "Use")
-        + " variant='frozen', or set requires_grad=False on such parameters"
+        f"{name}; q ~ lr m' / (denom^2 sqrt(v')) is large where exp_avg_sq is small, and "
+        "astronomical where the gradient is zero in exact arithmetic, e.g. an attention key "
+        f"bias), so the products' rounding eps ||J|| >= {eps * qmax:.1e} is above tol |z| = "
+        f"{tol * zmin:.1e}: the certificates (the left eigenvectors' first) cannot pass at this "
+        "tol, and the eigenvalue condition numbers are of that size too. "
+        + (f"Loosen tol to about {10 * eps * qmax / zmin:.0e}, or use variant='frozen'"
+           if reachable else
+           "Use variant='frozen', or set requires_grad=False on such parameters")
     )
 
 

@@ -11,6 +11,7 @@ autograd's Hessian of the unmasked loss.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -116,7 +117,7 @@ def test_padding_rows_the_batch_does_not_reach_change_nothing():
 
 def test_a_tied_padding_row_is_said_to_be_approximate():
     case = _case("sgd", tied=True)
-    with pytest.warns(UserWarning, match="shared with another module"):
+    with pytest.warns(UserWarning, match="shared with a module that does not mask them"):
         op = update_operator(*case)
     assert any("tied output layer" in n for n in op.notes)
 
@@ -150,3 +151,101 @@ def test_padding_idx_is_restored_when_the_forward_fails():
     with pytest.raises(kg.operators.BatchError):
         update_operator(model, opt, loss_fn, (ids.float(), tgt))  # float ids: embedding fails
     assert model.emb.padding_idx == 0
+
+
+class _Scaled(nn.Embedding):
+    """A subclass, as transformers' BartScaledWordEmbedding."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+class _Dot(nn.Module):
+    """Scores a pair of tokens by the dot product of their embeddings: a (pad, pad) pair reaches
+    the zero padding row with a zero gradient but a nonzero curvature."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, E, padding_idx=0)
+        self.out = nn.Linear(1, 3)
+
+    def forward(self, ids):
+        d = (self.emb(ids[:, 0]) * self.emb(ids[:, 1])).sum(-1, keepdim=True)
+        return self.out(torch.tanh(d))
+
+
+class _TwoLookups(nn.Module):
+    """Two embeddings sharing one weight, both padding row 0: the step zeroes the row whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Embedding(V, E, padding_idx=0)
+        self.b = nn.Embedding(V, E, padding_idx=0)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(E, V)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.a(ids) + self.b(ids.flip(-1))))
+
+
+def _stepped(model, ids, tgt, loss_fn=ce):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    take_steps(model, opt, loss_fn, (ids, tgt), 3)
+    return model, opt, loss_fn, (ids, tgt)
+
+
+@pytest.mark.parametrize("variant", ["subclass", "negative-attribute", "shared", "zero-row"])
+def test_padding_variants_match_real_steps(variant):
+    """Review cases, each 1e-2 off before: an nn.Embedding subclass (was not matched), a
+    padding_idx attribute set to -1 (torch masks row V-1), two lookups sharing one padded
+    weight (the step zeroes the row whole: exact, no note), a row looked up with a zero
+    gradient (was taken as not reached)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, V - 1, (4, 5), generator=g)
+    tgt = torch.randint(0, V, (4, 5), generator=g)
+    torch.manual_seed(1)
+    if variant == "subclass":
+        model = Tagger().double()
+        model.emb = _Scaled(V, E, padding_idx=0).double()
+        ids[:, -1] = 0
+        expect = ["emb.weight[0]"]
+    elif variant == "negative-attribute":
+        model = Tagger(padding_idx=None).double()
+        model.emb.padding_idx = -1
+        ids[:, -1] = V - 1
+        expect = [f"emb.weight[{V - 1}]"]
+    elif variant == "shared":
+        model = _TwoLookups().double()
+        ids[:, -1] = 0
+        expect = ["a.weight[0]", "b.weight[0]"]
+    else:
+        model = _Dot().double()
+        ids = torch.randint(1, V, (12, 2), generator=g)
+        ids[:3] = 0  # three (pad, pad) pairs
+        tgt = torch.randint(0, 3, (12,), generator=g)
+        expect = ["emb.weight[0]"]
+    case = _stepped(model, ids, tgt, F.cross_entropy if variant == "zero-row" else ce)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exact: nothing to warn about
+        op = update_operator(*case)
+    assert op.padding == expect
+    assert rel_err(op.to_dense(), fd_jacobian(*case)) <= 1e-6
+
+
+def test_an_embedding_with_max_norm_is_refused_before_it_changes_the_model():
+    """nn.Embedding(max_norm=...) renormalizes its weight in place in the forward pass: the
+    operator's first evaluation changed the user's weight (then blamed them with a stale
+    operator error). Refused at the door, the weight untouched."""
+    model = nn.Sequential(nn.Embedding(V, E, max_norm=0.5), nn.Flatten(), nn.Linear(4 * E, 2))
+    model = model.double()
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)  # rows above max_norm
+    ids = torch.randint(0, V, (6, 4), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 2, (6,), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model[0].weight.detach().clone()
+    with pytest.raises(kg.operators.UnsupportedConfigurationError, match="max_norm"):
+        update_operator(model, opt, F.cross_entropy, (ids, y))
+    with pytest.raises(kg.operators.UnsupportedConfigurationError, match="max_norm"):
+        hessian_operator(model, F.cross_entropy, (ids, y))
+    assert torch.equal(model[0].weight, before)

@@ -664,3 +664,15 @@ def test_left_eigenvectors_below_the_adjoints_rounding_floor_are_said_so():
     assert not bool(r.converged.any())
     assert "rounding eps ||A||" in r.status and "not a matter of ncv or maxiter" in r.status
     assert "raise ncv or maxiter" not in r.status
+
+
+def test_the_rounding_floor_is_not_claimed_when_the_adjoint_run_ran_out_of_restarts():
+    """A well-conditioned float32 matrix at tol 1e-7 with maxiter too small: eps ||H|| is near
+    tol |z| but the cure is more restarts (maxiter=50 converges); the status must say so, not
+    'not a matter of ncv or maxiter' (a review case, where it said both)."""
+    A = torch.randn(200, 200, generator=torch.Generator().manual_seed(0)) / np.sqrt(200)
+    for maxiter in (2, 3, 5):
+        r = eigs(A, k=6, which="LR", tol=1e-7, ncv=16, left=True, maxiter=maxiter,
+                 generator=torch.Generator().manual_seed(0))
+        assert "not a matter of ncv or maxiter" not in r.status
+        assert "raise ncv or maxiter" in r.status

@@ -291,18 +291,37 @@ class _HVPEngine:
         # gradient's Jacobian). Every evaluation here runs them with padding_idx=None (the
         # forward pass is the same): gradient and products are the loss's own; the update
         # operator applies the step's mask itself. (param index, module name, row, tied)
-        uses: dict[int, int] = {}
-        for _, p in model.named_parameters(remove_duplicate=False):
-            uses[id(p)] = uses.get(id(p), 0) + 1
+        # ``padded``: (param index, module name, row, shared with a module that does not mask
+        # that row); ``padding_reached``: whether the batch looks the row up (set by gradient()).
         index_of = {id(p): i for i, p in enumerate(params)}
+        owners: dict[int, list[torch.nn.Module]] = {}
+        for mod in model.modules():
+            for p in mod.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(mod)
         self._padded_modules: list[torch.nn.Embedding] = []
         self.padded: list[tuple[int, str, int, bool]] = []
         for mname, mod in model.named_modules():
-            if (type(mod) is torch.nn.Embedding and mod.padding_idx is not None
-                    and id(mod.weight) in index_of):
-                self._padded_modules.append(mod)
-                self.padded.append((index_of[id(mod.weight)], mname, int(mod.padding_idx),
-                                    uses[id(mod.weight)] > 1))
+            if not isinstance(mod, torch.nn.Embedding):
+                continue
+            if mod.max_norm is not None:
+                raise UnsupportedConfigurationError(
+                    f"module {mname or type(mod).__name__!r} is an nn.Embedding with "
+                    f"max_norm={mod.max_norm}: its forward pass renormalizes rows of the weight "
+                    "in place, so evaluating the loss would change your model (and the real "
+                    "step is not a function of the optimizer state alone); estimate on a copy "
+                    "with max_norm=None, or renormalize outside the forward pass"
+                )
+            if mod.padding_idx is None or id(mod.weight) not in index_of:
+                continue
+            row = int(mod.padding_idx) % mod.num_embeddings  # an attribute set to -1 too
+            # the step masks the row only for this module's share of the gradient: exact when
+            # every module holding the weight is an embedding masking the same row
+            others = [m for m in owners.get(id(mod.weight), []) if m is not mod]
+            shared = any(not isinstance(m, torch.nn.Embedding) or m.padding_idx is None
+                         or int(m.padding_idx) % m.num_embeddings != row for m in others)
+            self._padded_modules.append(mod)
+            self.padded.append((index_of[id(mod.weight)], mname, row, shared))
+        self.padding_reached = [False] * len(self.padded)
         self._modes = [(m, m.training) for m in model.modules()]
         #: more staleness checks, run by check_fresh (the update operator's hyper-parameters)
         self.fresh_checks: list[Callable[[], None]] = []
@@ -341,6 +360,27 @@ class _HVPEngine:
         tensors.update(zip(self.names, ptensors, strict=True))
         with self._padding_off():
             return self._batches_loss(tensors, wrap)
+
+    @contextlib.contextmanager
+    def _padding_lookups(self) -> Iterator[list[bool]]:
+        """Record which padded rows the forward passes look up (forward pre-hooks on the
+        padded embeddings, removed on exit): the rows the step masks, whatever their
+        gradient (a zero padding row reached by the batch has a zero gradient, not a zero
+        curvature)."""
+        seen = [False] * len(self.padded)
+        handles = []
+        for i, (mod, (_, _, row, _)) in enumerate(zip(self._padded_modules, self.padded,
+                                                      strict=True)):
+            def hook(m, args, kwargs, i=i, row=row):
+                ids = args[0] if args else kwargs.get("input")
+                if isinstance(ids, torch.Tensor) and bool((ids == row).any()):
+                    seen[i] = True
+            handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
 
     @contextlib.contextmanager
     def _padding_off(self) -> Iterator[None]:
@@ -470,6 +510,10 @@ class _HVPEngine:
                 )
         else:
             loss, requires_grad, flat, used, note = self._average_gradient(err, local)
+            if self.padded:  # a row any rank looks up is masked on every rank
+                reached = torch.tensor(self.padding_reached, dtype=torch.float64,
+                                       device=self.device)
+                self.padding_reached = (self.comm.average_(reached) > 0).tolist()
         if not torch.isfinite(loss).all():
             raise NonFiniteError(
                 f"the loss is {loss.item()} at the current point{note}; the linearized update "
@@ -507,8 +551,9 @@ class _HVPEngine:
         leaves = [p.detach().requires_grad_(True) for p in self.params]
         clones = {n: b.detach().clone() for n, b in self._buffers.items()}
         v0 = {n: c._version for n, c in clones.items()}
-        with self._seeded(), torch.enable_grad():
+        with self._seeded(), torch.enable_grad(), self._padding_lookups() as seen:
             loss = self._loss(leaves, buffers=clones, wrap=True)
+        self.padding_reached = seen
         self._mutable = {n for n, c in clones.items() if c._version != v0[n]}
         if self._mutable:
             self._log("buffers mutated by the forward pass, cloned per call: %s", self._mutable)

@@ -970,7 +970,8 @@ def update_operator(
     if tied:
         op.notes.append(
             f"nn.Embedding padding_idx row(s) {', '.join(tied)} belong to a weight shared with "
-            "another module (a tied output layer): the step zeroes only the embedding's share "
+            "a module that does not mask them (e.g. a tied output layer): the step zeroes only "
+            "the embedding's share "
             "of their gradient, which the operator does not separate, so J's rows there are "
             "the loss's full curvature (approximate); an untied embedding, or padding_idx=None, "
             "gives the exact J"
@@ -996,18 +997,20 @@ def _padding_mask(
     engine: _HVPEngine, g: torch.Tensor
 ) -> tuple[torch.Tensor | None, list[str], list[str]]:
     """``(M, rows, tied rows)``: the mask of the ``nn.Embedding(padding_idx)`` rows the batch
-    reaches (their loss gradient is nonzero; the engine evaluates the loss with
-    ``padding_idx=None``) in untied weights, whose gradient the step does not take; the names
-    of those rows; and those of reached rows in weights shared with another module."""
+    looks up (the engine evaluates the loss with ``padding_idx=None``, and records the
+    lookups), whose gradient the step does not take; the names of those rows; and those of
+    looked-up rows in weights shared with a module that does not mask them (a tied output
+    layer), where the step masks only the embedding's share."""
     offsets = [0]
     for k in engine.numels:
         offsets.append(offsets[-1] + k)
     mask, rows, tied = None, [], []
-    for i, mname, idx, shared in engine.padded:
+    for (i, mname, idx, shared), reached in zip(engine.padded, engine.padding_reached,
+                                                  strict=True):
         width = engine.params[i].shape[1]
         lo = offsets[i] + idx * width
-        if not bool(g[lo:lo + width].any()):
-            continue  # the batch does not reach the row: nothing is masked
+        if not reached:
+            continue  # not looked up: its gradient and curvature rows are 0, nothing to mask
         name = f"{mname + '.' if mname else ''}weight[{idx}]"
         if shared:
             tied.append(name)
@@ -1015,7 +1018,8 @@ def _padding_mask(
         if mask is None:
             mask = torch.ones_like(g)
         mask[lo:lo + width] = 0
-        rows.append(name)
+        if name not in rows:
+            rows.append(name)
     return mask, rows, tied
 
 
