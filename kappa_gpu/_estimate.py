@@ -383,6 +383,8 @@ def estimate(
     if not np.all(converged):
         if out.get("precision_limited"):
             fix = "not a matter of ncv or maxiter (the cause is named above)"
+        elif any(m.startswith("left eigenvectors of") for m in msgs):
+            fix = "the left-eigenvector note above names the cause"
         elif np.any(at_ep) or not growth_known:
             fix = ("eigenvalues at an exceptional point are defective, and an iterative "
                    "solver's residuals stall there at about sqrt(eps) |z|: not a matter of ncv "
@@ -865,6 +867,7 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
                    left=True, generator=generator)
         Y, y_cols = res.left_eigenvectors, None
         left_ok = np.ones(len(res.eigenvalues), dtype=bool)
+        resl = left_dist = None
     else:
         # Right and left runs each from their own structured subspace (eigs(left=True) would
         # start the adjoint from the right one, which J^T does not leave invariant when D varies).
@@ -873,7 +876,7 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
         kl = len(res.eigenvalues)
         resl = eigs(op.T, k=kl, which=which, v0=v0_left, tol=tol, ncv=ncv, maxiter=maxiter,
                     block_size=s_blk if kl + s_blk < ncv else 1, generator=generator)
-        y_cols, left_ok = _left_match(res, resl, tol, op.dtype)
+        y_cols, left_ok, left_dist = _left_match(res, resl, tol, op.dtype)
         Y = resl.eigenvectors
     z = res.eigenvalues.detach().cpu().numpy().astype(np.complex128)
     X = res.eigenvectors
@@ -909,7 +912,8 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
                 target=f"which={getattr(which, '__name__', which)} on J (Krylov-Schur"
                 f"{', started from the structured subspace' if v0 is not None else ''}"
                 f"{f', block size {s_blk}' if s_blk > 1 else ''})",
-                hessenberg=getattr(res, "hessenberg", None), messages=[_msg(res)],
+                hessenberg=getattr(res, "hessenberg", None),
+                messages=[_msg(res), *_left_note(left_ok, left_dist, resl)],
                 missing_directions=max(missing, 0))
 
 
@@ -937,7 +941,24 @@ def _start_blocks(st, W: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tens
     return right, left
 
 
-def _left_match(res, resl, tol: float, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+def _left_note(left_ok: np.ndarray, dist: np.ndarray | None, resl) -> list[str]:
+    """The message when the separate adjoint run converged but some of its eigenvalues miss the
+    right run's by more than sqrt(tol) |z| (so those pairs have no left eigenvector)."""
+    if resl is None or dist is None or left_ok.all() or not bool(
+            np.all(np.asarray(resl.converged, dtype=bool))):
+        return []
+    return [
+        f"left eigenvectors of {int(np.sum(~left_ok))} eigenvalue(s) not matched: the adjoint "
+        f"run converged, but its nearest eigenvalues are up to {float(np.max(dist[~left_ok])):.1e}"
+        " from these: ill-conditioned eigenvalues, whose two computed copies differ by more "
+        "than sqrt(tol) |z| (loosen tol or use float64; more ncv or maxiter does not help), or "
+        "another pick within a cluster (then raise ncv)"
+    ]
+
+
+def _left_match(
+    res, resl, tol: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Which of ``resl``'s eigenvectors (a run on J^T, eigenvalues conj(z)) is the left
     eigenvector of each of ``res``'s eigenvalues z -- matched by assignment as
     ``eigs(left=True)`` does -- and whether each match is converged. Column indices, not a
@@ -954,7 +975,7 @@ def _left_match(res, resl, tol: float, dtype: torch.dtype) -> tuple[torch.Tensor
     eps = float(torch.finfo(dtype).eps)
     scale = np.maximum(np.abs(z), eps ** (2.0 / 3.0))
     ok = (dist <= np.sqrt(max(tol, eps)) * scale) & np.asarray(resl.converged, dtype=bool)[idx]
-    return torch.as_tensor(idx), ok
+    return torch.as_tensor(idx), ok, dist
 
 
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -450,11 +450,23 @@ def eigs(
             floor = eps_a * norm_h
             need = tol * float(np.min(scale[~ok]))
             # only a floor when the adjoint run itself converged: else more steps may cure it
-            at_floor = floor > need and runl.nconv >= len(runl.theta)
-            fix = ("raise ncv or maxiter" if not at_floor else
-                   f"the adjoint's products carry rounding eps ||A|| >= {floor:.1e} (||A|| >= "
-                   f"{norm_h:.1e}, from its Krylov projection), above tol |z| = {need:.1e}: "
-                   "not a matter of ncv or maxiter; loosen tol or rescale the operator")
+            adjoint_done = runl.nconv >= len(runl.theta)
+            far = dist[~ok]
+            if not adjoint_done:
+                fix = "raise ncv or maxiter"
+            elif floor > need:
+                fix = (f"the adjoint's products carry rounding eps ||A|| >= {floor:.1e} (||A|| "
+                       f">= {norm_h:.1e}, from its Krylov projection), above tol |z| = "
+                       f"{need:.1e}: not a matter of ncv or maxiter; loosen tol or rescale the "
+                       "operator")
+            else:
+                # Converged, yet its eigenvalues miss these by more than sqrt(tol) |z|: either
+                # ill-conditioned eigenvalues (each run exact for its own rounding) or another
+                # choice within a cluster.
+                fix = (f"the adjoint run converged, but its nearest eigenvalues are up to "
+                       f"{float(np.max(far)):.1e} from these: ill-conditioned eigenvalues (then "
+                       "loosen tol or use float64) or another pick within a cluster (then "
+                       "raise ncv)")
             status += (
                 f"; left eigenvectors not found/converged for {bad} (the adjoint run converged "
                 f"to {runl.nconv} of {len(runl.theta)}); {fix}"
