@@ -282,3 +282,30 @@ def test_unmatched_left_eigenvectors_name_the_cause_not_ncv_or_maxiter():
     assert "raise ncv or maxiter, or loosen tol" not in r.message
     ev = np.linalg.eigvals(update_operator(model, opt, ce, (ids, tgt), **kw).to_dense().numpy())
     assert max(np.min(np.abs(ev - z)) for z in np.asarray(r.eigenvalues)) <= 1e-6
+
+
+def test_padding_rows_the_loss_ignores_keep_the_structure():
+    """Padded positions whose outputs the loss never reads (a classifier on the first token,
+    as BERT's on an attention-masked sequence): the row is looked up, but its gradient and
+    curvature are 0, so M H = H; one HVP tells this from a zero row with curvature, and the
+    structured path stays (it was lost for every padded batch)."""
+
+    class FirstToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, E, padding_idx=0)
+            self.h, self.out = nn.Linear(E, E), nn.Linear(E, 3)
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.h(self.emb(ids)))[:, 0])
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, V, (6, 5), generator=g)
+    ids[:, 3:] = 0
+    tgt = torch.randint(0, 3, (6,), generator=g)
+    torch.manual_seed(1)
+    case = _stepped(FirstToken().double(), ids, tgt, F.cross_entropy)
+    op = update_operator(*case)
+    assert op.padding == [] and not op.maps_gradient and op.structure() is not None
+    assert rel_err(op.to_dense(), fd_jacobian(*case)) <= 1e-6
+    assert kg.estimate(*case, k=2).method == "structured"

@@ -998,9 +998,10 @@ def _padding_mask(
 ) -> tuple[torch.Tensor | None, list[str], list[str]]:
     """``(M, rows, tied rows)``: the mask of the ``nn.Embedding(padding_idx)`` rows the batch
     looks up (the engine evaluates the loss with ``padding_idx=None``, and records the
-    lookups), whose gradient the step does not take; the names of those rows; and those of
-    looked-up rows in weights shared with a module that does not mask them (a tied output
-    layer), where the step masks only the embedding's share."""
+    lookups) and the loss depends on (a nonzero gradient, or else a nonzero curvature: one
+    HVP), whose gradient the step does not take; the names of those rows; and those of such
+    rows in weights shared with a module that does not mask them (a tied output layer), where
+    the step masks only the embedding's share."""
     offsets = [0]
     for k in engine.numels:
         offsets.append(offsets[-1] + k)
@@ -1011,6 +1012,17 @@ def _padding_mask(
         lo = offsets[i] + idx * width
         if not reached:
             continue  # not looked up: its gradient and curvature rows are 0, nothing to mask
+        if not bool(g[lo:lo + width].any()):
+            # Looked up with a zero gradient: padded positions whose outputs the loss ignores
+            # (a classifier on an attention-masked sequence: M H = H, keep the structure), or
+            # a zero row with curvature (a dot product of two padding lookups): one HVP on a
+            # random vector in the row tells them apart.
+            gen = torch.Generator(device=engine.device).manual_seed(engine.seed)
+            v = torch.zeros(engine.n, dtype=engine.dtype, device=engine.device)
+            v[lo:lo + width] = torch.randn(width, generator=gen, device=engine.device,
+                                           dtype=engine.dtype)
+            if not bool(engine.hvp(v).any()):
+                continue
         name = f"{mname + '.' if mname else ''}weight[{idx}]"
         if shared:
             tied.append(name)
