@@ -309,3 +309,40 @@ def test_padding_rows_the_loss_ignores_keep_the_structure():
     assert op.padding == [] and not op.maps_gradient and op.structure() is not None
     assert rel_err(op.to_dense(), fd_jacobian(*case)) <= 1e-6
     assert kg.estimate(*case, k=2).method == "structured"
+
+
+def test_monitor_with_padding_and_clipping_leaves_the_run_bitwise_unchanged():
+    """A training loop that clips and pads, with KappaMonitor(clip_grad_norm=...) every 3 steps,
+    ends bitwise equal to the same loop without it (params, grads, optimizer state, buffers,
+    RNG, modes), padding_idx included; the estimates really ran and saw the padding rows."""
+    from test_monitor_estimate import assert_bitwise_equal, snapshot
+
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for _ in range(9):
+        ids = torch.randint(1, V, (4, 5), generator=g)
+        ids[:, -2:] = 0
+        data.append((ids, torch.randint(0, V, (4, 5), generator=g)))
+    results = []
+    for with_monitor in (True, False):
+        torch.manual_seed(0)
+        model = Tagger()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        mon = (kg.KappaMonitor(model, opt, ce, every=3, k=2, tol=1e-3, clip_grad_norm=0.5)
+               if with_monitor else None)
+        records = []
+        for ids, tgt in data:
+            opt.zero_grad()
+            ce(model(ids), tgt).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            if mon is not None:
+                rec = mon.step((ids, tgt))
+                if rec is not None:
+                    records.append(rec)
+        if with_monitor:
+            assert len(records) == 3 and all(r.n_hvp > 0 for r in records), records
+            assert all("padding_idx row(s) emb.weight[0]" in r.message for r in records)
+        assert model.emb.padding_idx == 0
+        results.append(snapshot(model, opt))
+    assert_bitwise_equal(*results)
