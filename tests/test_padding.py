@@ -346,3 +346,29 @@ def test_monitor_with_padding_and_clipping_leaves_the_run_bitwise_unchanged():
         assert model.emb.padding_idx == 0
         results.append(snapshot(model, opt))
     assert_bitwise_equal(*results)
+
+
+def test_a_tied_padding_row_whose_positions_the_loss_ignores_is_exact_and_silent():
+    """A tied output layer gives the padding row a gradient of its own, but the step drops
+    only the embedding's share, which is zero when the padding positions reach no loss term
+    (their targets ignored, as in masked language modelling): then J = the loss's own
+    curvature exactly, and nothing is warned (it was, on every such batch)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V, (4, 5), generator=g)
+    ids[:, -2:] = 0
+    tgt = torch.randint(0, V, (4, 5), generator=g)
+    tgt[:, -2:] = -100  # ignore_index: the padded positions carry no loss
+
+    torch.manual_seed(1)
+    case = _stepped(Tagger(tied=True).double(), ids, tgt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = update_operator(*case)
+    assert op.padding == [] and op.structure() is not None
+    assert rel_err(op.to_dense(), fd_jacobian(*case)) <= 1e-6
+    # the same model with the padded positions in the loss: the embedding's share is dropped
+    tgt2 = tgt.clone()
+    tgt2[:, -2:] = 1
+    case2 = _stepped(Tagger(tied=True).double(), ids, tgt2)
+    with pytest.warns(UserWarning, match="shared with a module that does not mask them"):
+        update_operator(*case2)

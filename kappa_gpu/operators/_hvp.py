@@ -322,6 +322,7 @@ class _HVPEngine:
             self._padded_modules.append(mod)
             self.padded.append((index_of[id(mod.weight)], mname, row, shared))
         self.padding_reached = [False] * len(self.padded)
+        self.padding_through = [False] * len(self.padded)
         self._modes = [(m, m.training) for m in model.modules()]
         #: more staleness checks, run by check_fresh (the update operator's hyper-parameters)
         self.fresh_checks: list[Callable[[], None]] = []
@@ -362,22 +363,42 @@ class _HVPEngine:
             return self._batches_loss(tensors, wrap)
 
     @contextlib.contextmanager
-    def _padding_lookups(self) -> Iterator[list[bool]]:
-        """Record which padded rows the forward passes look up (forward pre-hooks on the
-        padded embeddings, removed on exit): the rows the step masks, whatever their
-        gradient (a zero padding row reached by the batch has a zero gradient, not a zero
-        curvature)."""
+    def _padding_lookups(self) -> Iterator[tuple[list[bool], list[bool], list[Any]]]:
+        """Record which padded rows the forward pass looks up (forward pre-hooks on the padded
+        embeddings, removed on exit): the rows the step masks, whatever their gradient (a zero
+        padding row reached by the batch has a zero gradient, not a zero curvature). Also, by
+        a tensor hook on each lookup's output (``through``; fired by the backward pass, whose
+        caller removes the hooks, the third list), whether the loss's gradient reaches the
+        padding positions' outputs: the embedding's share of the row's gradient, which a tied
+        weight's step drops."""
         seen = [False] * len(self.padded)
+        through = [False] * len(self.padded)
+        tensor_hooks: list[Any] = []
         handles = []
         for i, (mod, (_, _, row, _)) in enumerate(zip(self._padded_modules, self.padded,
                                                       strict=True)):
-            def hook(m, args, kwargs, i=i, row=row):
+            def pre(m, args, kwargs, i=i, row=row):
                 ids = args[0] if args else kwargs.get("input")
                 if isinstance(ids, torch.Tensor) and bool((ids == row).any()):
                     seen[i] = True
-            handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+
+            def post(m, args, kwargs, out, i=i, row=row):
+                ids = args[0] if args else kwargs.get("input")
+                if not (isinstance(ids, torch.Tensor) and isinstance(out, torch.Tensor)
+                        and out.requires_grad and bool((ids == row).any())):
+                    return
+                pos = ids == row
+
+                def grad_hook(go, i=i, pos=pos):
+                    if bool(go[pos].any()):
+                        through[i] = True
+
+                tensor_hooks.append(out.register_hook(grad_hook))
+
+            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(mod.register_forward_hook(post, with_kwargs=True))
         try:
-            yield seen
+            yield seen, through, tensor_hooks
         finally:
             for h in handles:
                 h.remove()
@@ -511,9 +532,10 @@ class _HVPEngine:
         else:
             loss, requires_grad, flat, used, note = self._average_gradient(err, local)
             if self.padded:  # a row any rank looks up is masked on every rank
-                reached = torch.tensor(self.padding_reached, dtype=torch.float64,
-                                       device=self.device)
-                self.padding_reached = (self.comm.average_(reached) > 0).tolist()
+                flags = torch.tensor([self.padding_reached, self.padding_through],
+                                     dtype=torch.float64, device=self.device)
+                flags = (self.comm.average_(flags) > 0).tolist()
+                self.padding_reached, self.padding_through = flags
         if not torch.isfinite(loss).all():
             raise NonFiniteError(
                 f"the loss is {loss.item()} at the current point{note}; the linearized update "
@@ -551,9 +573,17 @@ class _HVPEngine:
         leaves = [p.detach().requires_grad_(True) for p in self.params]
         clones = {n: b.detach().clone() for n, b in self._buffers.items()}
         v0 = {n: c._version for n, c in clones.items()}
-        with self._seeded(), torch.enable_grad(), self._padding_lookups() as seen:
+        with self._seeded(), torch.enable_grad(), self._padding_lookups() as lookups:
             loss = self._loss(leaves, buffers=clones, wrap=True)
-        self.padding_reached = seen
+        self.padding_reached, self.padding_through, tensor_hooks = lookups
+        try:
+            return self._local_gradient_of(loss, leaves, clones, v0)
+        finally:  # the lookups' gradients are read once (the kept graph would fire them again)
+            for h in tensor_hooks:
+                h.remove()
+
+    def _local_gradient_of(self, loss, leaves, clones, v0):
+        """:meth:`_local_gradient` after the forward pass."""
         self._mutable = {n for n, c in clones.items() if c._version != v0[n]}
         if self._mutable:
             self._log("buffers mutated by the forward pass, cloned per call: %s", self._mutable)

@@ -1001,17 +1001,24 @@ def _padding_mask(
     lookups) and the loss depends on (a nonzero gradient, or else a nonzero curvature: one
     HVP), whose gradient the step does not take; the names of those rows; and those of such
     rows in weights shared with a module that does not mask them (a tied output layer), where
-    the step masks only the embedding's share."""
+    the step masks only the embedding's share: exact (no mask) when that share is zero (the
+    padding positions' outputs reach no loss term: attention-masked, unlabelled), else
+    approximate. (A share that is zero here but has a nonzero derivative is not detected.)"""
     offsets = [0]
     for k in engine.numels:
         offsets.append(offsets[-1] + k)
     mask, rows, tied = None, [], []
-    for (i, mname, idx, shared), reached in zip(engine.padded, engine.padding_reached,
-                                                  strict=True):
+    for (i, mname, idx, shared), reached, through in zip(
+            engine.padded, engine.padding_reached, engine.padding_through, strict=True):
         width = engine.params[i].shape[1]
         lo = offsets[i] + idx * width
+        name = f"{mname + '.' if mname else ''}weight[{idx}]"
         if not reached:
             continue  # not looked up: its gradient and curvature rows are 0, nothing to mask
+        if shared:
+            if through:  # the step drops the embedding's (nonzero) share of the row
+                tied.append(name)
+            continue
         if not bool(g[lo:lo + width].any()):
             # Looked up with a zero gradient: padded positions whose outputs the loss ignores
             # (a classifier on an attention-masked sequence: M H = H, keep the structure), or
@@ -1023,10 +1030,6 @@ def _padding_mask(
                                            dtype=engine.dtype)
             if not bool(engine.hvp(v).any()):
                 continue
-        name = f"{mname + '.' if mname else ''}weight[{idx}]"
-        if shared:
-            tied.append(name)
-            continue
         if mask is None:
             mask = torch.ones_like(g)
         mask[lo:lo + width] = 0
