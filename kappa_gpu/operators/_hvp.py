@@ -290,9 +290,10 @@ class _HVPEngine:
         # reverse gives a symmetric matrix that is neither the loss's Hessian nor the masked
         # gradient's Jacobian). Every evaluation here runs them with padding_idx=None (the
         # forward pass is the same): gradient and products are the loss's own; the update
-        # operator applies the step's mask itself. (param index, module name, row, tied)
-        # ``padded``: (param index, module name, row, shared with a module that does not mask
-        # that row); ``padding_reached``: whether the batch looks the row up (set by gradient()).
+        # operator applies the step's mask itself. ``padded``: (param index, module name, row,
+        # shared with a module that does not mask that row); ``padding_reached`` /
+        # ``padding_through``: whether the batch looks the row up, and whether the loss's
+        # gradient reaches those lookups (set by gradient()).
         index_of = {id(p): i for i, p in enumerate(params)}
         owners: dict[int, list[torch.nn.Module]] = {}
         for mod in model.modules():

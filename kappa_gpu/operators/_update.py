@@ -139,7 +139,9 @@ class GradientClip:
         self.n_clipped = 0
         self._u: torch.Tensor | None = None
         self._uhat: torch.Tensor | None = None  # g / ||g|| (None for g = 0)
-        self._alpha = 0.0  # C = s (I - alpha uhat uhat^T), alpha = ||g|| / (||g|| + 1e-6)
+        # C = s (I - alpha uhat uhat^T), alpha = ||g|| / (||g|| + 1e-6); kept as
+        # sqrt(1 - alpha) = sqrt(1e-6 / (||g|| + 1e-6)), exact where alpha rounds to 1
+        self._rest = 1.0
         self._mask: torch.Tensor | None = None
         if kind == "norm":
             coef = self.threshold / (norm + _CLIP_NORM_EPS)
@@ -153,7 +155,7 @@ class GradientClip:
                     else torch.zeros_like(g)
                 if norm > 0:
                     self._uhat = g / norm
-                    self._alpha = norm / (norm + _CLIP_NORM_EPS)
+                    self._rest = math.sqrt(_CLIP_NORM_EPS / (norm + _CLIP_NORM_EPS))
         else:
             mask = g.abs() <= self.threshold
             self.n_clipped = int(mask.numel() - int(mask.sum()))
@@ -201,7 +203,7 @@ class GradientClip:
         root = math.sqrt(self.scale)
         if self._uhat is None:  # g = 0: C = s I
             return x / root if inverse else x * root
-        u, rest = self._uhat, math.sqrt(1.0 - self._alpha)
+        u, rest = self._uhat, self._rest
         coef = (1.0 / rest - 1.0) if inverse else -(1.0 - rest)
         w = (u @ x) * coef
         out = x + (u[:, None] * w if x.ndim == 2 else u * w)
@@ -243,7 +245,8 @@ class _GradientMap:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``K x`` (= ``K^T x``), a new tensor; ``x`` of shape ``(n,)`` or ``(n, s)``."""
         if self.mask is not None:
-            x = x * (self.mask[:, None] if x.ndim == 2 else self.mask)
+            y = x * (self.mask[:, None] if x.ndim == 2 else self.mask)  # a new tensor
+            return self.clip.jacobian(y) if self.clip is not None else y
         return self.clip.jacobian(x) if self.clip is not None else x.clone()
 
     def sqrt(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
