@@ -117,7 +117,7 @@ def test_padding_rows_the_batch_does_not_reach_change_nothing():
 
 def test_a_tied_padding_row_is_said_to_be_approximate():
     case = _case("sgd", tied=True)
-    with pytest.warns(UserWarning, match="shared with a module that does not mask them"):
+    with pytest.warns(UserWarning, match="also used elsewhere.*padding positions are scored"):
         op = update_operator(*case)
     assert any("tied output layer" in n for n in op.notes)
 
@@ -370,5 +370,40 @@ def test_a_tied_padding_row_whose_positions_the_loss_ignores_is_exact_and_silent
     tgt2 = tgt.clone()
     tgt2[:, -2:] = 1
     case2 = _stepped(Tagger(tied=True).double(), ids, tgt2)
-    with pytest.warns(UserWarning, match="shared with a module that does not mask them"):
+    with pytest.warns(UserWarning, match="also used elsewhere.*padding positions are scored"):
         update_operator(*case2)
+
+
+class _ReusedInForward(nn.Module):
+    """Ties its output to the embedding in the forward pass (no second module holds the
+    weight): ``h @ emb.weight.T``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, E, padding_idx=0)
+        self.h = nn.Linear(E, E)
+
+    def forward(self, ids):
+        return torch.tanh(self.h(self.emb(ids))) @ self.emb.weight.T
+
+
+@pytest.mark.parametrize("scored", [False, True])
+def test_a_padding_row_reused_in_the_forward_pass_is_told_by_its_gradient_share(scored):
+    """A weight reused in plain code has the embedding as its only owner: the row was masked
+    whole (2.7e-2 off real steps). The lookups' share (the loss's row gradient minus torch's
+    masked one) decides: zero when the padding positions are ignored (exact, silent), else
+    the row is warned as approximate."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V, (4, 5), generator=g)
+    ids[:, -2:] = 0
+    tgt = torch.randint(0, V, (4, 5), generator=g)
+    tgt[:, -2:] = 1 if scored else -100
+    torch.manual_seed(1)
+    case = _stepped(_ReusedInForward().double(), ids, tgt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op = update_operator(*case)
+    said = [w for w in caught if "also used elsewhere" in str(w.message)]
+    assert op.padding == [] and len(said) == (1 if scored else 0)
+    if not scored:
+        assert rel_err(op.to_dense(), fd_jacobian(*case)) <= 1e-6

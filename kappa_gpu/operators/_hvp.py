@@ -290,17 +290,12 @@ class _HVPEngine:
         # reverse gives a symmetric matrix that is neither the loss's Hessian nor the masked
         # gradient's Jacobian). Every evaluation here runs them with padding_idx=None (the
         # forward pass is the same): gradient and products are the loss's own; the update
-        # operator applies the step's mask itself. ``padded``: (param index, module name, row,
-        # shared with a module that does not mask that row); ``padding_reached`` /
-        # ``padding_through``: whether the batch looks the row up, and whether the loss's
-        # gradient reaches those lookups (set by gradient()).
+        # operator applies the step's mask itself. ``padded``: (param index, module name, row);
+        # ``padding_reached`` / ``padding_share``: whether the batch looks the row up, and the
+        # lookups' share of the row's gradient (what the step drops; set by gradient()).
         index_of = {id(p): i for i, p in enumerate(params)}
-        owners: dict[int, list[torch.nn.Module]] = {}
-        for mod in model.modules():
-            for p in mod.parameters(recurse=False):
-                owners.setdefault(id(p), []).append(mod)
         self._padded_modules: list[torch.nn.Embedding] = []
-        self.padded: list[tuple[int, str, int, bool]] = []
+        self.padded: list[tuple[int, str, int]] = []
         for mname, mod in model.named_modules():
             if not isinstance(mod, torch.nn.Embedding):
                 continue
@@ -315,15 +310,14 @@ class _HVPEngine:
             if mod.padding_idx is None or id(mod.weight) not in index_of:
                 continue
             row = int(mod.padding_idx) % mod.num_embeddings  # an attribute set to -1 too
-            # the step masks the row only for this module's share of the gradient: exact when
-            # every module holding the weight is an embedding masking the same row
-            others = [m for m in owners.get(id(mod.weight), []) if m is not mod]
-            shared = any(not isinstance(m, torch.nn.Embedding) or m.padding_idx is None
-                         or int(m.padding_idx) % m.num_embeddings != row for m in others)
             self._padded_modules.append(mod)
-            self.padded.append((index_of[id(mod.weight)], mname, row, shared))
+            self.padded.append((index_of[id(mod.weight)], mname, row))
+        self._keep_padding = False  # _padding_shares' evaluation: torch's masked backward
         self.padding_reached = [False] * len(self.padded)
-        self.padding_through = [False] * len(self.padded)
+        self.padding_share: list[torch.Tensor] = [
+            torch.zeros(m.embedding_dim, dtype=torch.float64, device=self.device)
+            for m in self._padded_modules
+        ]
         self._modes = [(m, m.training) for m in model.modules()]
         #: more staleness checks, run by check_fresh (the update operator's hyper-parameters)
         self.fresh_checks: list[Callable[[], None]] = []
@@ -360,49 +354,49 @@ class _HVPEngine:
             for n in self._mutable:
                 tensors[n] = self._buffers[n].clone()
         tensors.update(zip(self.names, ptensors, strict=True))
-        with self._padding_off():
+        with contextlib.nullcontext() if self._keep_padding else self._padding_off():
             return self._batches_loss(tensors, wrap)
 
     @contextlib.contextmanager
-    def _padding_lookups(self) -> Iterator[tuple[list[bool], list[bool], list[Any]]]:
+    def _padding_lookups(self) -> Iterator[list[bool]]:
         """Record which padded rows the forward pass looks up (forward pre-hooks on the padded
         embeddings, removed on exit): the rows the step masks, whatever their gradient (a zero
-        padding row reached by the batch has a zero gradient, not a zero curvature). Also, by
-        a tensor hook on each lookup's output (``through``; fired by the backward pass, whose
-        caller removes the hooks, the third list), whether the loss's gradient reaches the
-        padding positions' outputs: the embedding's share of the row's gradient, which a tied
-        weight's step drops."""
+        padding row reached by the batch has a zero gradient, not a zero curvature)."""
         seen = [False] * len(self.padded)
-        through = [False] * len(self.padded)
-        tensor_hooks: list[Any] = []
         handles = []
-        for i, (mod, (_, _, row, _)) in enumerate(zip(self._padded_modules, self.padded,
-                                                      strict=True)):
+        for i, (mod, (_, _, row)) in enumerate(zip(self._padded_modules, self.padded,
+                                                   strict=True)):
             def pre(m, args, kwargs, i=i, row=row):
                 ids = args[0] if args else kwargs.get("input")
                 if isinstance(ids, torch.Tensor) and bool((ids == row).any()):
                     seen[i] = True
 
-            def post(m, args, kwargs, out, i=i, row=row):
-                ids = args[0] if args else kwargs.get("input")
-                if not (isinstance(ids, torch.Tensor) and isinstance(out, torch.Tensor)
-                        and out.requires_grad and bool((ids == row).any())):
-                    return
-                pos = ids == row
-
-                def grad_hook(go, i=i, pos=pos):
-                    if bool(go[pos].any()):
-                        through[i] = True
-
-                tensor_hooks.append(out.register_hook(grad_hook))
-
             handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(mod.register_forward_hook(post, with_kwargs=True))
         try:
-            yield seen, through, tensor_hooks
+            yield seen
         finally:
             for h in handles:
                 h.remove()
+
+    def _padding_shares(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The lookups' share of each padded row's gradient: the loss's gradient minus the one
+        torch's masked backward gives (one more gradient evaluation, with ``padding_idx`` as
+        the model has it): what the step drops. All of the row's gradient unless the weight is
+        also used elsewhere (a tied output layer, a weight reused in the forward pass)."""
+        leaves = [p.detach().requires_grad_(True) for p in self.params]
+        self._keep_padding = True
+        try:
+            with self._seeded(), torch.enable_grad():
+                masked = torch.autograd.grad(self._loss(leaves), leaves, allow_unused=True)
+        finally:
+            self._keep_padding = False
+        shares = []
+        for i, _, row in self.padded:
+            full = grads[i][row] if grads[i] is not None else 0.0
+            kept = masked[i][row] if masked[i] is not None else 0.0
+            share = torch.as_tensor(full - kept).to(torch.float64)
+            shares.append(share.expand(self.params[i].shape[1]).clone())
+        return shares
 
     @contextlib.contextmanager
     def _padding_off(self) -> Iterator[None]:
@@ -532,11 +526,12 @@ class _HVPEngine:
                 )
         else:
             loss, requires_grad, flat, used, note = self._average_gradient(err, local)
-            if self.padded:  # a row any rank looks up is masked on every rank
-                flags = torch.tensor([self.padding_reached, self.padding_through],
-                                     dtype=torch.float64, device=self.device)
-                flags = (self.comm.average_(flags) > 0).tolist()
-                self.padding_reached, self.padding_through = flags
+            if self.padded:  # a row any rank looks up is masked on every rank; shares averaged
+                flags = torch.tensor(self.padding_reached, dtype=torch.float64,
+                                     device=self.device)
+                self.padding_reached = (self.comm.average_(flags) > 0).tolist()
+                self.padding_share = list(self.comm.average_(torch.cat(
+                    self.padding_share)).split([t.numel() for t in self.padding_share]))
         if not torch.isfinite(loss).all():
             raise NonFiniteError(
                 f"the loss is {loss.item()} at the current point{note}; the linearized update "
@@ -574,14 +569,13 @@ class _HVPEngine:
         leaves = [p.detach().requires_grad_(True) for p in self.params]
         clones = {n: b.detach().clone() for n, b in self._buffers.items()}
         v0 = {n: c._version for n, c in clones.items()}
-        with self._seeded(), torch.enable_grad(), self._padding_lookups() as lookups:
+        with self._seeded(), torch.enable_grad(), self._padding_lookups() as seen:
             loss = self._loss(leaves, buffers=clones, wrap=True)
-        self.padding_reached, self.padding_through, tensor_hooks = lookups
-        try:
-            return self._local_gradient_of(loss, leaves, clones, v0)
-        finally:  # the lookups' gradients are read once (the kept graph would fire them again)
-            for h in tensor_hooks:
-                h.remove()
+        self.padding_reached = seen
+        out = self._local_gradient_of(loss, leaves, clones, v0)
+        if any(seen) and out[2] is not None:
+            self.padding_share = self._padding_shares(out[2])
+        return out
 
     def _local_gradient_of(self, loss, leaves, clones, v0):
         """:meth:`_local_gradient` after the forward pass."""

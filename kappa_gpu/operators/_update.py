@@ -972,9 +972,9 @@ def update_operator(
     op.notes = _left_out(params, optimizer, sorted(engine._mutable))
     if tied:
         op.notes.append(
-            f"nn.Embedding padding_idx row(s) {', '.join(tied)} belong to a weight shared with "
-            "a module that does not mask them (e.g. a tied output layer): the step zeroes only "
-            "the embedding's share "
+            f"nn.Embedding padding_idx row(s) {', '.join(tied)} belong to a weight also used "
+            "elsewhere (e.g. a tied output layer), and the padding positions are scored: the "
+            "step zeroes only the embedding's share "
             "of their gradient, which the operator does not separate, so J's rows there are "
             "the loss's full curvature (approximate); an untied embedding, or padding_idx=None, "
             "gives the exact J"
@@ -999,30 +999,45 @@ def update_operator(
 def _padding_mask(
     engine: _HVPEngine, g: torch.Tensor
 ) -> tuple[torch.Tensor | None, list[str], list[str]]:
-    """``(M, rows, tied rows)``: the mask of the ``nn.Embedding(padding_idx)`` rows the batch
-    looks up (the engine evaluates the loss with ``padding_idx=None``, and records the
-    lookups) and the loss depends on (a nonzero gradient, or else a nonzero curvature: one
-    HVP), whose gradient the step does not take; the names of those rows; and those of such
-    rows in weights shared with a module that does not mask them (a tied output layer), where
-    the step masks only the embedding's share: exact (no mask) when that share is zero (the
-    padding positions' outputs reach no loss term: attention-masked, unlabelled), else
-    approximate. (A share that is zero here but has a nonzero derivative is not detected.)"""
+    """``(M, rows, approximate rows)`` for the ``nn.Embedding(padding_idx)`` rows the batch
+    looks up (the engine evaluates the loss with ``padding_idx=None``, records the lookups, and
+    takes the lookups' share of the row's gradient, what the step drops, as the difference to
+    torch's masked gradient):
+
+    - share = the row's whole gradient (the weight is used by the lookups only): the step
+      takes none of the row, so it is masked if the loss depends on it (a nonzero gradient,
+      or else a nonzero curvature: one HVP on a random vector in the row);
+    - share = 0, the gradient from elsewhere (a tied output layer, a weight reused in the
+      forward; the padding positions reach no loss term): the step drops nothing, J is the
+      loss's own, no mask;
+    - both nonzero: the step drops only the lookups' share, which the operator does not
+      separate: no mask, listed as approximate (warned).
+
+    A zero share here whose derivative is not zero (a weight used elsewhere too) is not
+    detected."""
     offsets = [0]
     for k in engine.numels:
         offsets.append(offsets[-1] + k)
-    mask, rows, tied = None, [], []
-    for (i, mname, idx, shared), reached, through in zip(
-            engine.padded, engine.padding_reached, engine.padding_through, strict=True):
+    groups: dict[tuple[int, int], list] = {}  # (param, row) -> [reached, share, names]
+    for (i, mname, idx), reached, share in zip(engine.padded, engine.padding_reached,
+                                              engine.padding_share, strict=True):
+        entry = groups.setdefault((i, idx), [False, share, []])  # one share per (param, row)
+        entry[0] |= bool(reached)
+        entry[2].append(f"{mname + '.' if mname else ''}weight[{idx}]")
+    mask, rows, approx = None, [], []
+    for (i, idx), (reached, share, names) in groups.items():
+        if not reached:
+            continue  # not looked up: nothing the step drops
         width = engine.params[i].shape[1]
         lo = offsets[i] + idx * width
-        name = f"{mname + '.' if mname else ''}weight[{idx}]"
-        if not reached:
-            continue  # not looked up: its gradient and curvature rows are 0, nothing to mask
-        if shared:
-            if through:  # the step drops the embedding's (nonzero) share of the row
-                tied.append(name)
+        row = g[lo:lo + width].double()
+        tol = math.sqrt(float(torch.finfo(g.dtype).eps)) * float(
+            max(row.norm(), share.norm()))
+        if float((row - share).norm()) > tol:  # the row also has gradient from elsewhere
+            if float(share.norm()) > tol:
+                approx.extend(names)
             continue
-        if not bool(g[lo:lo + width].any()):
+        if not bool(row.any()):
             # Looked up with a zero gradient: padded positions whose outputs the loss ignores
             # (a classifier on an attention-masked sequence: M H = H, keep the structure), or
             # a zero row with curvature (a dot product of two padding lookups): one HVP on a
@@ -1036,9 +1051,8 @@ def _padding_mask(
         if mask is None:
             mask = torch.ones_like(g)
         mask[lo:lo + width] = 0
-        if name not in rows:
-            rows.append(name)
-    return mask, rows, tied
+        rows.extend(names)
+    return mask, rows, approx
 
 
 def _clip_spec(norm: float | None, value: float | None) -> tuple[str, float] | None:
