@@ -234,6 +234,7 @@ def estimate(
     structure = op.structure()
     frozen_structure = structure
     helper_ops = []  # operators whose products count in the report's n_hvp too
+    similar = op.similar_structure() if mapped else None
     if structure is None:
         # Adam full, or a gradient map (an active clip, padding rows): the blocks of the
         # frozen operator, with the symmetrized curvature K^1/2 Ht K^1/2 under a map (a map
@@ -248,7 +249,8 @@ def estimate(
                 hvp="forward",  # a few products for the start: keep no graph
             )
             helper_ops.append((frozen_op, frozen_op.n_hvp))
-        frozen_structure = frozen_op.structure() or frozen_op.similar_structure()
+        frozen_structure = (similar if frozen_op is op and similar is not None
+                            else frozen_op.structure() or frozen_op.similar_structure())
     if frozen_structure is not None and not bool(torch.any(frozen_structure.D > 0)):
         raise ValueError(
             "the learning rate is 0 in every parameter group (or no parameter is reached by the "
@@ -289,7 +291,7 @@ def estimate(
         for side in sides:
             parts.append(
                 _arnoldi_side(op, frozen_structure, k, side, tol, warm, generator, ncv, maxiter,
-                              warm_here, op.similar_structure() if mapped else None)
+                              warm_here, similar)
             )
         out = _merge(parts)
         target = ", ".join(p["target"] for p in parts)

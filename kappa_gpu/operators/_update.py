@@ -137,7 +137,6 @@ class GradientClip:
         self.grad_norm = norm
         self.scale = 1.0
         self.n_clipped = 0
-        self._u: torch.Tensor | None = None
         self._uhat: torch.Tensor | None = None  # g / ||g|| (None for g = 0)
         # C = s (I - alpha uhat uhat^T), alpha = ||g|| / (||g|| + 1e-6); kept as
         # sqrt(1 - alpha) = sqrt(1e-6 / (||g|| + 1e-6)), exact where alpha rounds to 1
@@ -148,11 +147,7 @@ class GradientClip:
             self.active = coef < 1.0
             if self.active:
                 self.scale = coef
-                # u = g / sqrt(||g|| (||g|| + 1e-6)), in a form that neither overflows nor
-                # divides 0 by 0 (g = 0 with max_norm < 1e-6: torch scales a zero gradient,
-                # C = s I)
-                self._u = g / (math.sqrt(norm) * math.sqrt(norm + _CLIP_NORM_EPS)) if norm > 0 \
-                    else torch.zeros_like(g)
+                # g = 0 (max_norm < 1e-6: torch scales a zero gradient): C = s I, no direction
                 if norm > 0:
                     self._uhat = g / norm
                     self._rest = math.sqrt(_CLIP_NORM_EPS / (norm + _CLIP_NORM_EPS))
@@ -181,9 +176,10 @@ class GradientClip:
             return x.clone()
         if self._mask is not None:
             return x * (self._mask[:, None] if x.ndim == 2 else self._mask)
-        u = self._u
-        assert u is not None
-        w = u @ x  # () or (s,)
+        if self._uhat is None:  # g = 0: C = s I
+            return x * self.scale
+        u = self._uhat
+        w = (u @ x) * (1.0 - self._rest**2)  # alpha uhat^T x; () or (s,)
         return (x - (u[:, None] * w if x.ndim == 2 else u * w)).mul_(self.scale)
 
     def sqrt_jacobian(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -413,9 +409,7 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         active: torch.Tensor | None,
         block_spec: BlockSpec,
         backend: tuple[str, str, str] = ("torch", "torch", "backend='torch' was requested"),
-        clip: GradientClip | None = None,
         gmap: _GradientMap | None = None,
-        padding: list[str] | None = None,
     ):
         n = engine.n
         super().__init__((len(blocks) * n, len(blocks) * n), engine.dtype, engine.device)
@@ -431,11 +425,12 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         #: puts these into its report's message
         self.notes: list[str] = []
         self.seed = engine.seed
-        #: the gradient clipping the step applies (None: none), see :class:`GradientClip`
-        self.clip = clip
+        #: the gradient clipping the step applies (None: none), see :class:`GradientClip`;
+        #: set by update_operator
+        self.clip: GradientClip | None = None
         #: the nn.Embedding padding rows the step does not take (``"emb.weight[0]"``), if
-        #: the batch reaches them
-        self.padding = list(padding or [])
+        #: the batch reaches them; set by update_operator
+        self.padding: list[str] = []
         self._gmap = gmap
         self._ht = hessian
         self._coefs = coefs
