@@ -67,7 +67,10 @@ Determinism and non-interference (what every product sees):
   ``padding_idx=None`` (restored after each evaluation; the forward pass is the same): the
   gradient and the products are those of the loss itself. torch's own second derivatives
   through ``padding_idx`` follow neither the loss nor the masked gradient. The update operators
-  apply the step's mask of row ``p`` themselves.
+  apply the step's mask of row ``p`` themselves; where the weight is also used elsewhere (a
+  tied output layer) and the padding positions are scored, the step drops only the lookups'
+  share of the row's gradient, and the engine reads those lookups through a variable of their
+  own (:meth:`_HVPEngine.split_padding`, reverse mode) to give that step's exact Jacobian.
 
 Under ``torch.distributed`` (details in :mod:`kappa_gpu._distributed`): a
 ``DistributedDataParallel`` model is unwrapped to ``model.module`` (``DataParallel`` and
@@ -88,6 +91,7 @@ from typing import Any
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from kappa_gpu._autocast import autocast_off, without_autocast
@@ -163,6 +167,43 @@ def _cut_nodes(grads: Sequence[torch.Tensor | None]) -> int:
             cuts += 1
         stack.extend(f for f, _ in fn.next_functions if f is not None)
     return cuts
+
+
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type",
+                   "scale_grad_by_freq", "sparse")
+
+
+class _SplitLookups(TorchFunctionMode):
+    """Route the lookups of padding rows through variables of their own.
+
+    ``subs``: ``(weight, row, a)``. A call ``F.embedding(ids, weight, padding_idx=row)`` (the
+    forward of an ``nn.Embedding(padding_idx=row)`` holding ``weight``, subclasses included)
+    is evaluated without ``padding_idx`` and its outputs at ``ids == row`` are replaced by ``a``
+    (the row's value: the forward pass is the same). Then the loss ``L(theta, a)`` has
+    ``dL/dtheta`` = torch's masked gradient (the lookups' share of the row goes to ``a``), and
+    the step's curvature is ``d/dtheta`` of that at ``a = theta[row]``. Other uses of the
+    weight (a tied output layer, ``h @ emb.weight.T``) read ``weight`` as before.
+    ``hits[j]``: how many calls ``subs[j]`` replaced."""
+
+    def __init__(self, subs: Sequence[tuple[torch.Tensor, int, torch.Tensor]]):
+        super().__init__()
+        self.subs = list(subs)
+        self.hits = [0] * len(self.subs)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.embedding:
+            call = dict(zip(_EMBEDDING_ARGS, args, strict=False))
+            call.update(kwargs)
+            weight, idx = call.get("weight"), call.get("padding_idx")
+            for j, (w, row, a) in enumerate(self.subs):
+                if weight is w and idx is not None and int(idx) % w.shape[0] == row:
+                    self.hits[j] += 1
+                    call["padding_idx"] = None
+                    out = func(**call)
+                    hit = (call["input"] == row).unsqueeze(-1)
+                    return torch.where(hit, a.to(out.dtype), out)
+        return func(*args, **kwargs)
 
 
 class _HVPEngine:
@@ -313,6 +354,10 @@ class _HVPEngine:
             self._padded_modules.append(mod)
             self.padded.append((index_of[id(mod.weight)], mname, row))
         self._keep_padding = False  # _padding_shares' evaluation: torch's masked backward
+        #: padded rows whose lookups the loss reads through a variable of their own
+        #: (:meth:`split_padding`): ``(param index, row)``; the products then take ``part=``
+        self.split: list[tuple[int, int]] = []
+        self._split_hits: list[int] = []
         self.padding_reached = [False] * len(self.padded)
         self.padding_share: list[torch.Tensor] = [
             torch.zeros(m.embedding_dim, dtype=torch.float64, device=self.device)
@@ -345,7 +390,10 @@ class _HVPEngine:
         self.unused: list[bool] = [False] * len(params)
 
     # -- the loss ------------------------------------------------------------------------
-    def _loss(self, ptensors, *, buffers=None, wrap: bool = False) -> torch.Tensor:
+    def _loss(self, ptensors, *, buffers=None, wrap: bool = False,
+              lookups: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The loss at ``ptensors``; with split padding rows (:meth:`split_padding`) their
+        lookups read ``lookups`` (default: the rows' values, detached: torch's masked step)."""
         tensors: dict[str, Any] = dict(self._none_buffers)
         tensors.update(self._frozen)
         if buffers is not None:
@@ -354,8 +402,57 @@ class _HVPEngine:
             for n in self._mutable:
                 tensors[n] = self._buffers[n].clone()
         tensors.update(zip(self.names, ptensors, strict=True))
-        with contextlib.nullcontext() if self._keep_padding else self._padding_off():
+        if self._keep_padding:
             return self._batches_loss(tensors, wrap)
+        if not self.split:
+            with self._padding_off():
+                return self._batches_loss(tensors, wrap)
+        if lookups is None:
+            lookups = [ptensors[i][row].detach() for i, row in self.split]
+        subs = [(ptensors[i], row, a) for (i, row), a in zip(self.split, lookups, strict=True)]
+        with self._padding_off(), _SplitLookups(subs) as mode:
+            loss = self._batches_loss(tensors, wrap)
+        self._split_hits = mode.hits
+        return loss
+
+    def split_padding(self, rows: Sequence[tuple[int, int]]) -> torch.Tensor | None:
+        """Read the lookups of the padding ``rows`` (``(param index, row)``) through variables
+        of their own (:class:`_SplitLookups`), for rows whose weight is also used elsewhere
+        while the padding positions are scored: the step drops only the lookups' share of the
+        row's gradient, and its curvature ``G = d(masked gradient)/dtheta`` is not symmetric.
+        With ``a`` the lookups' variables and ``P`` the map ``theta -> theta[rows]``, the joint
+        Hessian ``Hj`` of ``L(theta, a)`` gives, one product each (``part=`` of :meth:`hvp`):
+        ``H v = [Hj (v, P v)]_theta + P^T [Hj (v, P v)]_a`` (``"full"``), ``G v =
+        [Hj (v, P v)]_theta`` (``"step"``), ``G^T v = [Hj (v, 0)]_theta + P^T [Hj (v, 0)]_a``
+        (``"adjoint"``).
+
+        Rebuilds the kept gradient graph (one more gradient evaluation). Returns the step's
+        gradient (torch's masked one at these rows, the loss's own elsewhere), or None where
+        this cannot run (forward-mode products, a process group, a lookup not found): the
+        engine is then unchanged."""
+        if (not rows or self.comm is not None or self.hvp_choice == "forward"
+                or self._graph is None or self.mode == FORWARD_OVER_REVERSE):
+            return None
+        self.split = list(rows)
+        try:
+            graph = self._gradient_graph()
+            P = len(self.params)
+            found = all(h > 0 for h in self._split_hits) and all(
+                g is not None for g in graph[1][P:])
+            if found and self.mode is None:  # the first product decides the mode: reverse
+                v = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+                self._reverse(v, graph=graph)
+        except Exception as err:
+            self._log("padding rows %s not split (%s: %s)", rows, type(err).__name__, err)
+            found = False
+        if not found:
+            self.split = []
+            return None
+        self._graph = graph
+        self.mode = REVERSE_OVER_REVERSE
+        leaves, grads = graph
+        return self.flatten([torch.zeros_like(p) if g is None else g.detach()
+                             for g, p in zip(grads[:P], leaves[:P], strict=True)])
 
     @contextlib.contextmanager
     def _padding_lookups(self) -> Iterator[list[bool]]:
@@ -402,7 +499,9 @@ class _HVPEngine:
     def _padding_off(self) -> Iterator[None]:
         """``padding_idx=None`` on the differentiated embeddings for one evaluation (restored
         on exit, also on an error): the loss's own gradient and Hessian (see ``padded``)."""
-        saved = [(mod, mod.padding_idx) for mod in self._padded_modules]
+        split = set(self.split)
+        saved = [(mod, mod.padding_idx) for mod, (i, _, row) in
+                 zip(self._padded_modules, self.padded, strict=True) if (i, row) not in split]
         try:
             for mod, _ in saved:
                 mod.padding_idx = None
@@ -665,19 +764,21 @@ class _HVPEngine:
 
     # -- products --------------------------------------------------------------------------
     @without_autocast
-    def hvp(self, V: torch.Tensor) -> torch.Tensor:
+    def hvp(self, V: torch.Tensor, part: str = "full") -> torch.Tensor:
         """``H @ V`` for ``V`` of shape ``(n,)`` or ``(n, s)``; costs one HVP per column.
+        ``part``: ``"step"`` / ``"adjoint"`` give ``G V`` / ``G^T V`` of split padding rows
+        (:meth:`split_padding`; ``H V`` when none are split).
 
         Under a process group: the mean over the ranks of their local products (a collective:
         every rank must call it with the same ``V``). The ranks first exchange a failure flag
         and a checksum of ``V``; if one failed or the ``V`` differ, all raise together.
         """
         if self.comm is None:
-            return self._local_hvp(V)
+            return self._local_hvp(V, part)
         err: Exception | None = None
         out = None
         try:
-            out = self._local_hvp(V)
+            out = self._local_hvp(V, part)
         except Exception as exc:
             err = exc
         sums = self.comm.exchange(err, "in a Hessian-vector product", checksum(V))
@@ -696,7 +797,7 @@ class _HVPEngine:
             return out
         return self.comm.average_(out.contiguous())
 
-    def _local_hvp(self, V: torch.Tensor) -> torch.Tensor:
+    def _local_hvp(self, V: torch.Tensor, part: str = "full") -> torch.Tensor:
         """This process's ``H @ V`` (its own loss and batch)."""
         self.check_fresh()
         if self._cut is not None:
@@ -704,7 +805,9 @@ class _HVPEngine:
         s = 1 if V.ndim == 1 else V.shape[1]
         if s == 0:
             return torch.zeros_like(V)
-        if self.mode == REVERSE_OVER_REVERSE:
+        if self.split:  # split_padding set reverse mode and keeps its graph
+            out = self._reverse(V, part)
+        elif self.mode == REVERSE_OVER_REVERSE:
             out = self._reverse(V)
         elif self.mode == FORWARD_OVER_REVERSE:
             out = self._forward(V)
@@ -858,31 +961,40 @@ class _HVPEngine:
         :class:`_CutGraphError` if the graph runs through a ``once_differentiable`` backward
         (:func:`_cut_nodes`), whose second derivatives would be dropped silently."""
         leaves = [p.detach().requires_grad_(True) for p in self.params]
+        # split padding rows: the lookups' variables, leaves after the parameters
+        extra = [leaves[i][row].detach().clone().requires_grad_(True) for i, row in self.split]
         with self._seeded(), torch.enable_grad():
-            loss = self._loss(leaves)
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            loss = self._loss(leaves, lookups=extra or None)
+            grads = torch.autograd.grad(loss, leaves + extra, create_graph=True,
+                                        allow_unused=True)
         if _cut_nodes(grads):
             raise _CutGraphError(_PARTIAL_CUT)
-        return leaves, grads
+        return leaves + extra, grads
 
-    def _reverse(self, V: torch.Tensor) -> torch.Tensor:
+    def _reverse(self, V: torch.Tensor, part: str = "full", graph=None) -> torch.Tensor:
         # columns as contiguous rows: one transposing copy instead of a strided gather per column
         cols = [V] if V.ndim == 1 else list(V.T.contiguous())
-        graph, cached = self._graph, self.hvp_choice != "forward"
+        cached = self.hvp_choice != "forward"
+        if graph is None:
+            graph = self._graph
         if graph is None:
             graph = self._gradient_graph()
             if cached:
                 self._graph = graph
 
         leaves, grads = graph
+        P = len(self.params)  # leaves after P: split padding rows' lookups (split_padding)
         # gradient entries without a graph (linear in the params) have zero Hessian rows
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad
+                and (i < P or part != "adjoint")]
         # (s, n) rows written in place, one transposing copy at the end (a stack into columns
         # is a strided write of s n entries, 3x slower on a CPU), none for a transposed input
         out = None if V.ndim == 1 else torch.empty(len(cols), self.n, dtype=self.dtype,
                                                    device=V.device)
         for j, col in enumerate(cols):
             tang = self.unflatten(col)
+            if len(leaves) > P:  # (v, P v): the lookups move with their rows
+                tang = (*tang, *(tang[i][row] for i, row in self.split))
             hv: Sequence[torch.Tensor | None] = [None] * len(leaves)
             if live:
                 hv = torch.autograd.grad(
@@ -906,7 +1018,12 @@ class _HVPEngine:
                         "operations on saved tensors) and a jvp"
                     )
             parts = [torch.zeros_like(p) if h is None else h
-                     for h, p in zip(hv, leaves, strict=True)]
+                     for h, p in zip(hv[:P], leaves[:P], strict=True)]
+            if part != "step":  # fold the lookups' rows back: + P^T [.]_a
+                for (i, row), h in zip(self.split, hv[P:], strict=True):
+                    if h is not None:
+                        parts[i] = parts[i].clone()
+                        parts[i][row] += h
             if out is None:
                 return self.flatten(parts)
             torch.cat([t.reshape(-1).to(self.dtype) for t in parts], out=out[j])

@@ -234,9 +234,20 @@ class _GradientMap:
     ``C^1/2 M``.
     """
 
-    def __init__(self, clip: GradientClip | None, mask: torch.Tensor | None):
+    def __init__(self, clip: GradientClip | None, mask: torch.Tensor | None,
+                 split: bool = False):
         self.clip = clip if clip is not None and clip.active else None
         self.mask = mask
+        #: padding rows split by the engine (:meth:`_HVPEngine.split_padding`): the curvature
+        #: is its ``G`` (not symmetric) instead of ``H``
+        self.split = split
+
+    def curvature(self, engine: _HVPEngine, x: torch.Tensor, adjoint: bool = False
+                  ) -> torch.Tensor:
+        """``K G x`` (``adjoint``: ``G^T K x``), a new tensor; ``G = H`` unless rows are split."""
+        if adjoint:
+            return engine.hvp(self.apply(x), "adjoint" if self.split else "full")
+        return self.apply(engine.hvp(x, "step" if self.split else "full"))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``K x`` (= ``K^T x``), a new tensor; ``x`` of shape ``(n,)`` or ``(n, s)``."""
@@ -263,10 +274,10 @@ class _MappedHessian(HessianOperator):
         self.gmap = gmap
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        return self._signed(self.gmap.apply(self._engine.hvp(x)), x)
+        return self._signed(self.gmap.curvature(self._engine, x), x)
 
     def _rmatvec(self, x: torch.Tensor) -> torch.Tensor:
-        return self._signed(self._engine.hvp(self.gmap.apply(x)), x)
+        return self._signed(self.gmap.curvature(self._engine, x, adjoint=True), x)
 
     _matmat = _matvec
     _rmatmat = _rmatvec
@@ -431,6 +442,9 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         #: the nn.Embedding padding rows the step does not take (``"emb.weight[0]"``), if
         #: the batch reaches them; set by update_operator
         self.padding: list[str] = []
+        #: those of them whose weight is also used elsewhere (a tied output layer) with the
+        #: padding positions scored: the step drops only the lookups' share of their gradient
+        self.padding_shared: list[str] = []
         self._gmap = gmap
         self._ht = hessian
         self._coefs = coefs
@@ -529,7 +543,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
     @property
     def maps_gradient(self) -> bool:
         """Whether the step changes the gradient before its update rule here (an active clip,
-        padding rows the batch reaches): then ``Ht = sign K H + shift`` is not symmetric."""
+        padding rows the batch reaches): then ``Ht = sign K G + shift`` is not symmetric
+        (``G = H``, or with shared padding rows the masked gradient's Jacobian)."""
         return self._gmap is not None
 
     def map_start(self, v0: torch.Tensor, v0_left: torch.Tensor) -> None:
@@ -545,11 +560,19 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
     def gradient_map_notes(self) -> list[str]:
         """What the step does to the gradient before the update rule, as report sentences."""
         out = [] if self.clip is None else [self.clip.describe()]
-        if self.padding:
+        masked = [r for r in self.padding if r not in self.padding_shared]
+        if masked:
             out.append(
-                f"nn.Embedding padding_idx row(s) {', '.join(self.padding)} are reached by the "
+                f"nn.Embedding padding_idx row(s) {', '.join(masked)} are reached by the "
                 "batch, but the step does not take their gradient (torch zeroes it): J holds "
                 "the masked curvature M H, which is not symmetric (estimate runs arnoldi)"
+            )
+        if self.padding_shared:
+            out.append(
+                f"nn.Embedding padding_idx row(s) {', '.join(self.padding_shared)} are looked "
+                "up by the batch and also used elsewhere (e.g. a tied output layer): the step "
+                "drops only the lookups' share of their gradient, so J holds the derivative of "
+                "that masked gradient, which is not symmetric (estimate runs arnoldi)"
             )
         return out
 
@@ -663,9 +686,10 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         blocks = self._blocks
         xs = self.split(x)
         out = torch.empty_like(x)
-        hv = self._engine.hvp(xs[0])
         if self._gmap is not None:  # the passes apply sign and L2 decay to K H x
-            hv = self._gmap.apply(hv)
+            hv = self._gmap.curvature(self._engine, xs[0])
+        else:
+            hv = self._engine.hvp(xs[0])
         blocks.matvec(xs, hv, out=self.split(out))
         self._check_fused(blocks)
         return out
@@ -674,7 +698,10 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         blocks = self._blocks
         ys = self.split(y)
         u = blocks.rmatvec_pre(ys)
-        hv = self._engine.hvp(u if self._gmap is None else self._gmap.apply(u))
+        if self._gmap is not None:
+            hv = self._gmap.curvature(self._engine, u, adjoint=True)
+        else:
+            hv = self._engine.hvp(u)
         out = torch.empty_like(y)
         blocks.rmatvec_post(ys, hv, out=self.split(out))
         self._check_fused(blocks)
@@ -824,8 +851,12 @@ def update_operator(
           optimizer state must be the same on every rank (it is under DDP training);
         - ``nn.Embedding(padding_idx=p)``: torch zeroes row ``p`` of the weight's gradient, so
           where the batch reaches that row the step's curvature is ``M H`` (``op.padding``
-          names the rows; not symmetric: ``structure()`` is None); exact for an untied
-          embedding, approximate (warned) for one whose weight a tied output layer shares;
+          names the rows; not symmetric: ``structure()`` is None). A weight also used
+          elsewhere (a tied output layer) with scored padding positions: the step drops only
+          the lookups' share of the row's gradient; the engine reads those lookups through a
+          variable of their own, and J is exact (``op.padding_shared``; one more gradient
+          evaluation at build). With ``hvp="forward"`` or under a process group that split
+          is not made: J takes the loss's full curvature there (approximate, warned);
         - Adam's full variant: where ``v'`` is tiny (e.g. a bias feeding a BatchNorm, whose
           gradient is ~1e-17), ``q ~ m' / (denom^2 sqrt(v'))`` is huge but exact: the real step
           is that sensitive there.
@@ -922,7 +953,17 @@ def update_operator(
         hvp=hvp,
     )
     g = engine.gradient()
-    mask, padding, tied = _padding_mask(engine, g)
+    mask, padding, shared = _padding_mask(engine, g)
+    tied: list[str] = []  # shared rows left approximate (no split here)
+    split = False
+    if shared:
+        g_step = engine.split_padding([key for key, _ in shared])
+        names = [n for _, ns in shared for n in ns]
+        if g_step is None:
+            tied = names
+        else:  # the lookups read variables of their own: J exact, not symmetric
+            g, split = g_step, True
+            padding = padding + names
     if mask is not None:
         g = g * mask  # torch zeroes the padding rows' gradient
     clip = None
@@ -930,8 +971,8 @@ def update_operator(
         clip = GradientClip(*clip_spec, g)
         g = clip.clipped(g)  # the gradient the step takes (Adam's moments see it)
     gmap = None
-    if mask is not None or (clip is not None and clip.active):
-        gmap = _GradientMap(clip, mask)
+    if mask is not None or split or (clip is not None and clip.active):
+        gmap = _GradientMap(clip, mask, split)
     # A parameter the loss does not reach gets grad None, and optimizer.step() skips it; but
     # step() takes every parameter whose .grad is not None: a zero gradient left by
     # zero_grad(set_to_none=False) still gets momentum and weight decay.
@@ -964,15 +1005,16 @@ def update_operator(
             gmap,
         )
     op.clip, op.padding = clip, padding
+    op.padding_shared = [n for _, ns in shared for n in ns] if split else []
     op.notes = _left_out(params, optimizer, sorted(engine._mutable))
     if tied:
         op.notes.append(
             f"nn.Embedding padding_idx row(s) {', '.join(tied)} belong to a weight also used "
             "elsewhere (e.g. a tied output layer), and the padding positions are scored: the "
-            "step zeroes only the embedding's share "
-            "of their gradient, which the operator does not separate, so J's rows there are "
-            "the loss's full curvature (approximate); an untied embedding, or padding_idx=None, "
-            "gives the exact J"
+            "step zeroes only the embedding's share of their gradient, which the operator "
+            "separates only with reverse-mode products on one process (hvp='auto', no process "
+            "group), so J's rows there are the loss's full curvature (approximate); hvp='auto' "
+            "on one process, an untied embedding, or padding_idx=None gives the exact J"
         )
     if clip is not None and clip.kind == "norm":
         held = {id(p) for p in params}
@@ -993,8 +1035,8 @@ def update_operator(
 
 def _padding_mask(
     engine: _HVPEngine, g: torch.Tensor
-) -> tuple[torch.Tensor | None, list[str], list[str]]:
-    """``(M, rows, approximate rows)`` for the ``nn.Embedding(padding_idx)`` rows the batch
+) -> tuple[torch.Tensor | None, list[str], list[tuple[tuple[int, int], list[str]]]]:
+    """``(M, rows, shared rows)`` for the ``nn.Embedding(padding_idx)`` rows the batch
     looks up (the engine evaluates the loss with ``padding_idx=None``, records the lookups, and
     takes the lookups' share of the row's gradient, what the step drops, as the difference to
     torch's masked gradient):
@@ -1005,8 +1047,9 @@ def _padding_mask(
     - share = 0, the gradient from elsewhere (a tied output layer, a weight reused in the
       forward; the padding positions reach no loss term): the step drops nothing, J is the
       loss's own, no mask;
-    - both nonzero: the step drops only the lookups' share, which the operator does not
-      separate: no mask, listed as approximate (warned).
+    - both nonzero: the step drops only the lookups' share: no mask, listed as shared
+      (``((param index, row), names)``), for the engine to split
+      (:meth:`_HVPEngine.split_padding`).
 
     A zero share here whose derivative is not zero (a weight used elsewhere too) is not
     detected."""
@@ -1030,7 +1073,7 @@ def _padding_mask(
             max(row.norm(), share.norm()))
         if float((row - share).norm()) > tol:  # the row also has gradient from elsewhere
             if float(share.norm()) > tol:
-                approx.extend(names)
+                approx.append(((i, idx), names))
             continue
         if not bool(row.any()):
             # Looked up with a zero gradient: padded positions whose outputs the loss ignores
