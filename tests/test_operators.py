@@ -986,3 +986,73 @@ def test_forward_mode_says_when_torch_func_draws_another_dropout_mask():
         said = [w for w in caught if "another random draw" in str(w.message)]
         assert len(said) == (1 if transpose else 0)
         assert len(op._engine.notes) == (1 if transpose else 0)
+
+
+def test_a_group_whose_momentum_went_to_zero_keeps_its_stale_buffer():
+    """A per-group schedule (OneCycleLR(base_momentum=0)) or an edit sets one group's momentum
+    to 0 after steps with momentum: torch leaves that group's momentum_buffer untouched, so
+    J is the identity on it (it was 0 there: 0.44 off real steps, with spurious eigenvalues
+    0 and a reported rho of 6e-16)."""
+    case = sgd_case(two_groups=True)
+    opt = case[1]
+    opt.param_groups[1]["momentum"] = 0.0
+    op = update_operator(*case)
+    assert rel_err(op.to_dense(), fd_jacobian(*case)) <= 1e-6
+    n = op.n_params
+    n0 = sum(p.numel() for p in opt.param_groups[0]["params"])
+    assert bool((op.state_vector()[n + n0:] != 0).any())  # the stale buffer is state
+
+
+def test_an_adamw_group_with_decoupled_weight_decay_false_is_l2_decay():
+    """torch honours a group's own decoupled_weight_decay=False in AdamW (L2 decay, as
+    Adam): the operator read every AdamW group as decoupled (0.26 off). Oracle: Adam with the
+    same state, whose real step is the same (checked here, in place: a deepcopy of AdamW
+    resets the group's flag)."""
+    model, opt, loss_fn, batch = adam_case(kind="adam", weight_decay=0.3, steps=4)
+    params = trainable(opt)
+    opt_w = torch.optim.AdamW([{"params": params, "decoupled_weight_decay": False}],
+                              lr=1e-2, weight_decay=0.3)
+    for p in params:
+        opt_w.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+
+    def step(o):
+        theta = [p.detach().clone() for p in params]
+        state = {p: {k: v.clone() for k, v in o.state[p].items()} for p in params}
+        o.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        o.step()
+        out = torch.cat([p.detach().reshape(-1).clone() for p in params])
+        with torch.no_grad():
+            for p, t in zip(params, theta, strict=True):
+                p.copy_(t)
+        for p in params:
+            o.state[p] = state[p]
+        return out
+
+    assert torch.equal(step(opt), step(opt_w))  # the same real step
+    a = update_operator(model, opt, loss_fn, batch, variant="full")
+    b = update_operator(model, opt_w, loss_fn, batch, variant="full")
+    assert a.kind == b.kind == "adam"
+    assert rel_err(b.to_dense(), a.to_dense()) <= 1e-14
+
+
+def test_optimizer_state_edited_after_the_build_makes_the_operator_stale():
+    model, opt, loss_fn, batch = adam_case()
+    op = update_operator(model, opt, loss_fn, batch, variant="full")
+    x = torch.ones(op.shape[0], dtype=torch.float64)
+    op.matvec(x)
+    p = next(iter(opt.state))
+    opt.state[p]["exp_avg_sq"].mul_(2.0)
+    with pytest.raises(StaleOperatorError, match="optimizer's state"):
+        op.matvec(x)
+    op = update_operator(model, opt, loss_fn, batch, variant="full")
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = sd["state"][0]["step"] + 10
+    opt.load_state_dict(sd)
+    with pytest.raises(StaleOperatorError, match="optimizer's state"):
+        op.matvec(x)
+    # SGD: J reads only whether a buffer exists; reloading the same state changes nothing
+    model, opt, loss_fn, batch = sgd_case()
+    op = update_operator(model, opt, loss_fn, batch)
+    opt.load_state_dict(opt.state_dict())
+    op.matvec(torch.ones(op.shape[0], dtype=torch.float64))

@@ -427,6 +427,7 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         self._engine = engine
         self._optimizer = optimizer
         self._hyper = _hyperparameters(optimizer)
+        self._marks = _state_marks(optimizer, engine.params, kind)
         engine.fresh_checks.append(self._check_hyperparameters)
         self.n_params = n
         self.blocks = blocks
@@ -470,6 +471,12 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
                 "the operator was built (a scheduler step or an edit): J's coefficients, and "
                 "the structure built with them, are the old ones; build a new operator"
             )
+        if _state_marks(self._optimizer, self._engine.params, self.kind) != self._marks:
+            raise StaleOperatorError(
+                "the optimizer's state (momentum buffers, Adam's moments or step count) changed "
+                "since the operator was built (an in-place edit or load_state_dict): J's "
+                "coefficients are the old ones; build a new operator"
+            )
 
     def __repr__(self) -> str:
         m = self.shape[0]
@@ -505,7 +512,8 @@ class UpdateOperator(_EngineAttributes, LinearOperator):
         """The current optimizer state flattened in the operator's order and dtype.
 
         Momentum-free groups of an SGD optimizer whose other groups use momentum have no
-        buffer: their entries are 0 (and their rows of J in that block are 0).
+        buffer: their entries are 0 (and their rows of J in that block are 0), unless one is
+        left from earlier steps with momentum, which the step keeps as it is (J is 1 there).
         """
         self._engine.check_fresh()
         parts = []
@@ -727,6 +735,23 @@ def _hyper_value(v: Any) -> Any:
     if isinstance(v, tuple):
         return tuple(_hyper_value(x) for x in v)
     return v
+
+
+def _state_marks(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                 kind: str) -> list[tuple]:
+    """What J's coefficients read from the optimizer state (staleness check, no device
+    sync): SGD, whether each parameter has a momentum buffer; Adam, the identity and in-place
+    version of its moments and its step count."""
+    if kind == "sgd":
+        return [(optimizer.state.get(p, {}).get("momentum_buffer") is not None,) for p in params]
+    marks = []
+    for p in params:
+        st = optimizer.state.get(p, {})
+        marks.append(tuple(
+            (id(v), v._version) if isinstance(v, torch.Tensor) else v
+            for v in (st.get("exp_avg"), st.get("exp_avg_sq"), st.get("step"))
+        ))
+    return marks
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -1221,8 +1246,9 @@ def _sgd(
     for m, dd, nest, act, has in zip(mu, d, nesterov, active_list, has_state, strict=True):
         if not act:  # torch skips the parameter: theta and buffer (if any) stay
             vals = (0.0, 0.0, 0.0, 1.0 if has else 0.0, 1.0)
-        elif m == 0.0:  # a momentum-free group: plain SGD, no buffer
-            vals = (1.0, 0.0, 0.0, 0.0, 1.0)
+        elif m == 0.0:  # a momentum-free group: plain SGD; a buffer left from earlier
+            # steps with momentum is not touched by torch (it stays: J is 1 there)
+            vals = (1.0, 0.0, 0.0, 1.0 if has else 0.0, 1.0)
         elif nest:
             vals = (1.0 + m * (1.0 - dd), 1.0 - dd, m * m, m, 1.0)
         else:
@@ -1256,9 +1282,10 @@ def _adam(
     engine, optimizer, groups, active_list, has_state, active, pe, sign, g, variant, backend, gmap
 ) -> UpdateOperator:
     dt, dev = engine.dtype, engine.device
-    decoupled = [bool(gr.get("decoupled_weight_decay", False)) for gr in groups]
-    if isinstance(optimizer, torch.optim.AdamW):
-        decoupled = [True] * len(groups)
+    # AdamW's groups carry decoupled_weight_decay=True (torch honours a group's own False);
+    # older torch versions have no such key in AdamW's groups: decoupled
+    is_adamw = isinstance(optimizer, torch.optim.AdamW)
+    decoupled = [bool(gr.get("decoupled_weight_decay", is_adamw)) for gr in groups]
     kind = "adamw" if all(decoupled) else "adam"
     lr = [scalar(gr["lr"]) for gr in groups]
     b1 = [scalar(gr["betas"][0]) for gr in groups]
