@@ -279,7 +279,8 @@ def estimate(
 
     if chosen == "structured":
         parts = [
-            _structured_side(op, structure, k, side, tol, warm, generator, ncv, maxiter)
+            _structured_side(op, structure, k, side, tol, warm, generator, ncv, maxiter,
+                             warm_here)
             for side in sides
         ]
         out = _merge(parts)
@@ -636,7 +637,8 @@ def _apply_J(st, U: torch.Tensor, HtU: torch.Tensor, DinvU: torch.Tensor,
                       torch.cat([-(D * b) * DinvU, beta * DinvU], 0)], 1)
 
 
-def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dict[str, Any]:
+def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
+                     warm_here=False) -> dict[str, Any]:
     """Lanczos on S, then the closed-form blocks; certificates from the Lanczos certificate's
     HVPs. The Lanczos tolerance is ``tol`` times :func:`_tolerance_factor`, so that the J
     residuals meet ``tol`` (relative to |z|, as the arnoldi path); modes that still miss it are
@@ -649,7 +651,7 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
     v0 = warm if warm is not None and warm.shape[0] == n else None
     tol_s = tol * _tolerance_factor(st, side)
     res = eigsh(S, k=m, which=which, v0=v0, tol=tol_s, ncv=_eigsh_ncv(m, n) if ncv is None
-                else ncv, maxiter=maxiter, generator=generator)
+                else ncv, maxiter=maxiter, generator=generator, trust_v0=warm_here)
     out = _structured_modes(op, st, sq, res, which, tol)
     bs = m if 3 * m <= n else 1  # the whole Ritz block in the first Krylov block
     for _ in range(3):
@@ -668,7 +670,8 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter) -> dic
             # here): refining cannot help; the converged flags say so.
             break
         res = eigsh(S, k=m, which=which, v0=out["warm"], tol=tol_r, block_size=bs,
-                    ncv=min(max(3 * m, 20), n), maxiter=maxiter, generator=generator)
+                    ncv=min(max(3 * m, 20), n), maxiter=maxiter, generator=generator,
+                    trust_v0=True)  # this operator's Ritz vectors, refined
         out = _structured_modes(op, st, sq, res, which, tol)
     n_miss = int(np.sum(out["residuals"] > out["allowed"]))
     if not (n_miss and res.converged_all):
@@ -826,9 +829,14 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
         which = "SR" if side == "sharp" else "LR"
     v0 = v0_left = None
     s_blk = 1
+    # a start that spans this operator's wanted vectors already (eigs' trust_v0): a report's
+    # Ritz vectors at this point, or the structured modes' subspace; a previous point's
+    # vectors are not (they can miss a new wanted mode while passing the test)
+    trusted = False
     n = None if st is None else st.D.shape[0]
     if warm is not None and warm.shape[0] == N:
         v0 = warm
+        trusted = warm_here
     elif st is not None and st.uniform:
         # Start from the structured modes' invariant subspace (of the frozen operator):
         # Arnoldi then refines instead of searching.
@@ -860,13 +868,14 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
             # modes, restarts (bench/bench_estimate.py). Not for Adam's full variant, whose
             # modes leave the frozen subspace: there a block run searches, and searches slowly.
             s_blk = W.shape[1]
+            trusted = True
     if ncv is None:
         ncv = _eigs_ncv(kk, N, s_blk)
     if not kk + s_blk < ncv <= N:
         s_blk = 1
     if s_blk == 1:
         res = eigs(op, k=kk, which=which, v0=v0, tol=tol, ncv=ncv, maxiter=maxiter,
-                   left=True, generator=generator)
+                   left=True, generator=generator, trust_v0=trusted)
         Y, y_cols = res.left_eigenvectors, None
         left_ok = np.ones(len(res.eigenvalues), dtype=bool)
         resl = left_dist = None
@@ -874,10 +883,11 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
         # Right and left runs each from their own structured subspace (eigs(left=True) would
         # start the adjoint from the right one, which J^T does not leave invariant when D varies).
         res = eigs(op, k=kk, which=which, v0=v0, tol=tol, ncv=ncv, maxiter=maxiter,
-                   block_size=s_blk, generator=generator)
+                   block_size=s_blk, generator=generator, trust_v0=trusted)
         kl = len(res.eigenvalues)
         resl = eigs(op.T, k=kl, which=which, v0=v0_left, tol=tol, ncv=ncv, maxiter=maxiter,
-                    block_size=s_blk if kl + s_blk < ncv else 1, generator=generator)
+                    block_size=s_blk if kl + s_blk < ncv else 1, generator=generator,
+                    trust_v0=trusted)
         y_cols, left_ok, left_dist = _left_match(res, resl, tol, op.dtype)
         Y = resl.eigenvectors
     z = res.eigenvalues.detach().cpu().numpy().astype(np.complex128)

@@ -348,7 +348,8 @@ def noisy_note(n: int, cause: str) -> str:
     )
 
 
-def expand_cycle(basis, ncv: int, s: int, k: int, analyze, quick=None, after_restart=True):
+def expand_cycle(basis, ncv: int, s: int, k: int, analyze, quick=None, after_restart=True,
+                 first_cycle=True):
     """Expand ``basis`` to a full restart cycle and return ``(m, analyze(m))``.
 
     Convergence is tested after every step, and the expansion stops as soon as every wanted
@@ -362,13 +363,16 @@ def expand_cycle(basis, ncv: int, s: int, k: int, analyze, quick=None, after_res
     ``ncv = 20``); ``after_restart=False`` keeps the test at the end of later cycles only
     (``eigsh``'s selective reorthogonalization, whose Ritz estimates are not reliable residuals,
     and ``eigs``' left run, which is certified by its caller without a continuation). Never
-    after a breakdown, where the space is blind to part of the spectrum.
+    after a breakdown, where the space is blind to part of the spectrum. ``first_cycle=False``
+    tests the first cycle at its end only: a warm start from another operator's eigenvectors
+    passes the test at ``m = k + 1`` when they are still eigenvectors (e.g. of a matrix that
+    gained a new top eigenvalue elsewhere), before the space has seen the rest of the spectrum.
     ``analyze(m)`` returns a tuple whose element 5 is the converged flags of the wanted values.
     """
     state: dict = {}
 
     def early(m: int) -> bool:
-        if m <= k or basis.n_breakdowns:
+        if m <= k or basis.n_breakdowns or not (first_cycle or basis.n_restarts):
             return False
         if basis.n_restarts and (not after_restart or (quick is not None and not quick(m))):
             return False
