@@ -260,7 +260,7 @@ def true_residuals(
             images.append(AX)
         R = X * torch.as_tensor(-z.real, dtype=X.dtype, device=X.device)
         R = R.add_(AX) if not AX.is_complex() else R + AX  # one n x k temporary
-        return torch.linalg.vector_norm(R, dim=0).to("cpu", torch.float64).numpy(), k
+        return _finite(torch.linalg.vector_norm(R, dim=0).to("cpu", torch.float64).numpy()), k
     reps = [i for i in range(k) if partner is None or partner[i] < 0 or partner[i] > i]
     cols, where = [], []
     for i in reps:
@@ -282,7 +282,21 @@ def true_residuals(
         res[i] = float(torch.linalg.vector_norm(r))
         if partner is not None and partner[i] >= 0:
             res[partner[i]] = res[i]
-    return res, M.shape[1]
+    return _finite(res), M.shape[1]
+
+
+def _finite(res: np.ndarray) -> np.ndarray:
+    """The true residuals, or FloatingPointError when one is NaN/inf (a NaN passes every
+    ``res <= allowed`` test as False but no ``res > allowed`` one: it must not reach the
+    flags)."""
+    if not np.all(np.isfinite(res)):
+        raise FloatingPointError(
+            "the operator returned NaN or inf in the certificate products (the true residuals "
+            "of the Ritz vectors, after the iteration's own products were finite); the "
+            "operator is not finite at these vectors (check the model/HVP for overflow or NaN "
+            "parameters, or a product that is not deterministic)"
+        )
+    return res
 
 
 def not_converged_message(

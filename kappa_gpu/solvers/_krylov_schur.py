@@ -320,7 +320,8 @@ def eigs(
             ``m``, use ``block_size >= m``.
         generator: ``torch.Generator`` for the random start and breakdown vectors.
         strict: raise :class:`ConvergenceError` (carrying ``.result``) instead of returning a
-            partially converged result.
+            partially converged result, or one whose converged pair's true residual misses
+            ``tol`` (``residual_misses``).
         trust_v0: with a ``v0``, the first cycle runs to ``ncv`` vectors before its
             convergence test (as ARPACK), since the eigenvectors of another operator (the
             previous training step's) can still be eigenvectors here while a new wanted
@@ -505,7 +506,8 @@ def eigs(
         n_rmatvec=n_rmv,
         n_matvec_certify=n_cert,
         left_residuals=None if left_res is None else torch.as_tensor(left_res),
+        residual_misses=int(over.sum()),
     )
-    if strict and not result.converged_all:
+    if strict and (not result.converged_all or result.residual_misses):
         raise ConvergenceError(status, result)
     return result

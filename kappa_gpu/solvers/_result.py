@@ -57,6 +57,9 @@ class EigResult:
             more operator applications. Costs ``n k'`` entries of memory on the device. Its
             layout is what the operator returned for the Ritz vectors passed as an ``(n, k')``
             view of their rows (kappa_gpu's Hessian operators: such a view, not contiguous).
+        residual_misses: pairs flagged converged whose true residual still exceeds ``tol``
+            beyond the products' rounding (non-symmetric or noisy products, a defective
+            eigenvalue; ``status`` says which): ``strict=True`` raises for them too.
     """
 
     eigenvalues: torch.Tensor
@@ -77,6 +80,7 @@ class EigResult:
     n_matvec_certify: int = 0
     left_residuals: torch.Tensor | None = field(default=None)
     images: torch.Tensor | None = field(default=None, repr=False)
+    residual_misses: int = 0
 
     @property
     def converged_all(self) -> bool:
