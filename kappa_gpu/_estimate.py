@@ -28,6 +28,7 @@ Cost figures: ``docs/estimate_cost.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import time
@@ -275,6 +276,13 @@ def estimate(
     # subspace is invariant, and a block start refines it in a few block steps.
     warm_here = isinstance(warm_start, KappaReport) and warm_start.point == point
     sides = ["sharp", "negative"] if modes == "both" else [modes]
+    if modes == "both" and 2 * k > op.n_params:
+        raise ValueError(
+            f"modes='both' with k={k} asks for {2 * k} curvature modes, but the model has only "
+            f"n = {op.n_params} (the sharp and the negative modes would be the same ones): use "
+            f"k <= {op.n_params // 2}, or one side (modes='sharp' or 'negative'); for a model "
+            "this small the dense eigendecomposition of update_operator(...).to_dense() is exact"
+        )
     n_hvp0 = op.n_hvp
 
     if chosen == "structured":
@@ -536,6 +544,57 @@ def _sym_operator(structure):
     return S, sq
 
 
+class _ActivePart:
+    """``S`` restricted to the entries the step takes (``st.active``): their rows and columns
+    of ``S`` are 0 elsewhere (``D = 0``), so each inactive entry is an eigenvector of ``S`` with
+    ``s = 0`` that is not a mode of the update (``u = D^1/2 w = 0``); Lanczos on all of ``S``
+    returned them as the "negative" modes of a convex loss, and a breakdown's random vector
+    brings them back into any run. Lanczos runs on the active coordinates only; its result
+    is lifted back to ``n`` rows (zeros elsewhere, exact)."""
+
+    def __init__(self, S, active: torch.Tensor | None):
+        self.full = S
+        self.idx = None
+        if active is not None and not bool(active.all()):
+            self.idx = torch.nonzero(active.to(S.device), as_tuple=True)[0]
+        if self.idx is None:
+            self.op = S
+            return
+        n, idx = S.shape[0], self.idx
+
+        def mm(X):
+            full = torch.zeros((n, *X.shape[1:]), dtype=X.dtype, device=X.device)
+            full[idx] = X
+            return S.matmat(full)[idx] if X.ndim == 2 else S.matvec(full)[idx]
+
+        na = int(idx.numel())
+        self.op = aslinearoperator(mm, shape=(na, na), dtype=S.dtype, device=S.device,
+                                   rmatvec=mm, matmat=mm, rmatmat=mm)
+
+    def compress(self, X: torch.Tensor | None) -> torch.Tensor | None:
+        if X is None or self.idx is None:
+            return X
+        return X[self.idx]
+
+    def lift(self, res):
+        """``res`` with ``n``-row eigenvectors and images (zero rows where inactive)."""
+        if self.idx is None:
+            return res
+
+        def up(X):
+            if X is None:
+                return None
+            rows = X.T.is_contiguous() and not X.is_contiguous()  # keep a view of rows
+            shape = (X.shape[1], self.full.shape[0])
+            out = torch.zeros(shape if rows else shape[::-1], dtype=X.dtype, device=X.device)
+            out = out.T if rows else out
+            out[self.idx] = X
+            return out
+
+        return dataclasses.replace(res, eigenvectors=up(res.eigenvectors),
+                                   images=up(res.images))
+
+
 def _hessian_of_modes(st, sq: torch.Tensor, res, W: torch.Tensor) -> torch.Tensor | None:
     """Ht U for U = D^1/2 W when eigsh's certificate products S W = D^1/2 Ht U cannot give it:
     ``None`` when they can (no HVP; :class:`_Subspace` forms Ht U = D^-1/2 S W row by row).
@@ -644,14 +703,17 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
     residuals meet ``tol`` (relative to |z|, as the arnoldi path); modes that still miss it are
     refined by block Lanczos from the Ritz vectors (2 k HVPs plus k certificates a round, at most
     three rounds)."""
-    S, sq = _sym_operator(st)
+    S_full, sq = _sym_operator(st)
+    part = _ActivePart(S_full, st.active)
+    S = part.op
     n = S.shape[0]
     which = "LA" if side == "sharp" else "SA"
     m = min(k, max(1, n - 2))
-    v0 = warm if warm is not None and warm.shape[0] == n else None
+    v0 = warm if warm is not None and warm.shape[0] == S_full.shape[0] else None
     tol_s = tol * _tolerance_factor(st, side)
-    res = eigsh(S, k=m, which=which, v0=v0, tol=tol_s, ncv=_eigsh_ncv(m, n) if ncv is None
-                else ncv, maxiter=maxiter, generator=generator, trust_v0=warm_here)
+    res = part.lift(eigsh(S, k=m, which=which, v0=part.compress(v0), tol=tol_s,
+                          ncv=_eigsh_ncv(m, n) if ncv is None else ncv, maxiter=maxiter,
+                          generator=generator, trust_v0=warm_here))
     out = _structured_modes(op, st, sq, res, which, tol)
     bs = m if 3 * m <= n else 1  # the whole Ritz block in the first Krylov block
     for _ in range(3):
@@ -669,9 +731,10 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
             # Not the Lanczos residual's doing (rounding, or a structure that is not exact
             # here): refining cannot help; the converged flags say so.
             break
-        res = eigsh(S, k=m, which=which, v0=out["warm"], tol=tol_r, block_size=bs,
-                    ncv=min(max(3 * m, 20), n), maxiter=maxiter, generator=generator,
-                    trust_v0=True)  # this operator's Ritz vectors, refined
+        res = part.lift(eigsh(S, k=m, which=which, v0=part.compress(out["warm"]), tol=tol_r,
+                              block_size=bs, ncv=min(max(3 * m, 20), n), maxiter=maxiter,
+                              generator=generator,
+                              trust_v0=True))  # this operator's Ritz vectors, refined
         out = _structured_modes(op, st, sq, res, which, tol)
     n_miss = int(np.sum(out["residuals"] > out["allowed"]))
     if not (n_miss and res.converged_all):
