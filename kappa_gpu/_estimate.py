@@ -544,32 +544,43 @@ def _sym_operator(structure):
     return S, sq
 
 
-class _ActivePart:
-    """``S`` restricted to the entries the step takes (``st.active``): their rows and columns
-    of ``S`` are 0 elsewhere (``D = 0``), so each inactive entry is an eigenvector of ``S`` with
-    ``s = 0`` that is not a mode of the update (``u = D^1/2 w = 0``); Lanczos on all of ``S``
-    returned them as the "negative" modes of a convex loss, and a breakdown's random vector
-    brings them back into any run. Lanczos runs on the active coordinates only; its result
-    is lifted back to ``n`` rows (zeros elsewhere, exact)."""
+class _Restricted:
+    """An operator restricted to the coordinates ``mask`` (``None``: all), for coordinates that
+    are decoupled constants of the step and no modes of it: rows and columns of the operator
+    are 0 (``S`` on entries with ``D = 0``) or the identity (``J`` on parameters the loss does
+    not reach; a momentum buffer the step neither reads nor writes) there. Solved on all of
+    it, they came back as modes: the "negative" modes of a convex loss (``s = 0`` of ``S``),
+    the "sharp" ones of ``J`` with a momentum-free group (``z = 0``, a multiple eigenvalue
+    with arbitrary left/right pairing), and a breakdown's random vector brings them into any
+    run. The solvers run on the live coordinates; their results are lifted back to full rows
+    (zeros elsewhere: exact, the coordinates being decoupled both ways)."""
 
-    def __init__(self, S, active: torch.Tensor | None):
-        self.full = S
+    def __init__(self, A, mask: torch.Tensor | None):
+        self.full = A
         self.idx = None
-        if active is not None and not bool(active.all()):
-            self.idx = torch.nonzero(active.to(S.device), as_tuple=True)[0]
+        if mask is not None and not bool(mask.all()):
+            self.idx = torch.nonzero(mask.to(A.device), as_tuple=True)[0]
         if self.idx is None:
-            self.op = S
+            self.op = A
             return
-        n, idx = S.shape[0], self.idx
+        n, idx = A.shape[0], self.idx
 
-        def mm(X):
-            full = torch.zeros((n, *X.shape[1:]), dtype=X.dtype, device=X.device)
-            full[idx] = X
-            return S.matmat(full)[idx] if X.ndim == 2 else S.matvec(full)[idx]
+        def restrict(product):
+            def f(X):
+                full = torch.zeros((n, *X.shape[1:]), dtype=X.dtype, device=X.device)
+                full[idx] = X
+                return product(full)[idx]
+            return f
 
+        mv, rmv = restrict(A.matvec), restrict(A.rmatvec)
+        mm, rmm = restrict(A.matmat), restrict(A.rmatmat)
         na = int(idx.numel())
-        self.op = aslinearoperator(mm, shape=(na, na), dtype=S.dtype, device=S.device,
-                                   rmatvec=mm, matmat=mm, rmatmat=mm)
+        self.op = aslinearoperator(mv, shape=(na, na), dtype=A.dtype, device=A.device,
+                                   rmatvec=rmv, matmat=mm, rmatmat=rmm)
+
+    @property
+    def n_left_out(self) -> int:
+        return 0 if self.idx is None else self.full.shape[0] - int(self.idx.numel())
 
     def compress(self, X: torch.Tensor | None) -> torch.Tensor | None:
         if X is None or self.idx is None:
@@ -577,22 +588,43 @@ class _ActivePart:
         return X[self.idx]
 
     def lift(self, res):
-        """``res`` with ``n``-row eigenvectors and images (zero rows where inactive)."""
+        """``res`` with full-row eigenvectors, left eigenvectors and images."""
         if self.idx is None:
             return res
 
         def up(X):
             if X is None:
                 return None
-            rows = X.T.is_contiguous() and not X.is_contiguous()  # keep a view of rows
-            shape = (X.shape[1], self.full.shape[0])
-            out = torch.zeros(shape if rows else shape[::-1], dtype=X.dtype, device=X.device)
+            rows = X.ndim == 2 and X.T.is_contiguous() and not X.is_contiguous()
+            shape = (X.shape[1], self.full.shape[0]) if rows else (self.full.shape[0],
+                                                                    *X.shape[1:])
+            out = torch.zeros(shape, dtype=X.dtype, device=X.device)
             out = out.T if rows else out
             out[self.idx] = X
             return out
 
         return dataclasses.replace(res, eigenvectors=up(res.eigenvectors),
+                                   left_eigenvectors=up(res.left_eigenvectors),
                                    images=up(res.images))
+
+
+def _live_coordinates(op, st) -> torch.Tensor | None:
+    """The coordinates of J that are not decoupled constants (see :class:`_Restricted`), from
+    the frozen structure's coefficients: a parameter the step takes, and its momentum buffer
+    where the step reads it (``b != 0``) or writes it from the curvature (``a2 != 0``); Adam's
+    moments where the parameter is taken. None: all of them."""
+    if st is None:
+        return None
+    n = op.n_params
+    nb = op.shape[0] // n
+    theta = (torch.ones(n, dtype=torch.bool, device=st.D.device) if st.active is None
+             else st.active.to(torch.bool))
+    if nb == 1:
+        live = theta
+    else:
+        buf = theta & ((st.b != 0) | (st.a2 != 0)) if st.order == 2 else theta
+        live = torch.cat([theta, buf] + [theta] * (nb - 2))
+    return None if bool(live.all()) else live
 
 
 def _hessian_of_modes(st, sq: torch.Tensor, res, W: torch.Tensor) -> torch.Tensor | None:
@@ -704,7 +736,7 @@ def _structured_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
     refined by block Lanczos from the Ritz vectors (2 k HVPs plus k certificates a round, at most
     three rounds)."""
     S_full, sq = _sym_operator(st)
-    part = _ActivePart(S_full, st.active)
+    part = _Restricted(S_full, st.active)
     S = part.op
     n = S.shape[0]
     which = "LA" if side == "sharp" else "SA"
@@ -871,12 +903,14 @@ def _structured_modes(op, st, sq, res, which, tol) -> dict[str, Any]:
 def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
                   warm_here=False, similar=None) -> dict[str, Any]:
     N = op.shape[0]
+    part = _Restricted(op, _live_coordinates(op, st))
+    J, Nr = part.op, part.op.shape[0]
     # Two eigenvalues per mode (a 2x2 block), one for plain SGD (order 1).
-    kk = min((1 if st is not None and st.order == 1 else 2) * k, N - 2)
-    if ncv is not None and not kk + 1 < ncv <= N:  # before any HVP is spent
+    kk = min((1 if st is not None and st.order == 1 else 2) * k, Nr - 2)
+    if ncv is not None and not kk + 1 < ncv <= Nr:  # before any HVP is spent
         raise ValueError(
             f"ncv={ncv} does not fit the arnoldi path: it computes {kk} eigenvalues of J for "
-            f"k={k} modes, so it needs {kk + 1} < ncv <= {N} (default: max(3 * {kk}, 20))"
+            f"k={k} modes, so it needs {kk + 1} < ncv <= {Nr} (default: max(3 * {kk}, 20))"
         )
     coeffs = _coeffs(st)
     if coeffs is not None:
@@ -933,24 +967,25 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
             s_blk = W.shape[1]
             trusted = True
     if ncv is None:
-        ncv = _eigs_ncv(kk, N, s_blk)
-    if not kk + s_blk < ncv <= N:
+        ncv = _eigs_ncv(kk, Nr, s_blk)
+    if not kk + s_blk < ncv <= Nr:
         s_blk = 1
+    v0, v0_left = part.compress(v0), part.compress(v0_left)
     if s_blk == 1:
-        res = eigs(op, k=kk, which=which, v0=v0, tol=tol, ncv=ncv, maxiter=maxiter,
-                   left=True, generator=generator, trust_v0=trusted)
+        res = part.lift(eigs(J, k=kk, which=which, v0=v0, tol=tol, ncv=ncv, maxiter=maxiter,
+                             left=True, generator=generator, trust_v0=trusted))
         Y, y_cols = res.left_eigenvectors, None
         left_ok = np.ones(len(res.eigenvalues), dtype=bool)
         resl = left_dist = None
     else:
         # Right and left runs each from their own structured subspace (eigs(left=True) would
         # start the adjoint from the right one, which J^T does not leave invariant when D varies).
-        res = eigs(op, k=kk, which=which, v0=v0, tol=tol, ncv=ncv, maxiter=maxiter,
-                   block_size=s_blk, generator=generator, trust_v0=trusted)
+        res = part.lift(eigs(J, k=kk, which=which, v0=v0, tol=tol, ncv=ncv, maxiter=maxiter,
+                             block_size=s_blk, generator=generator, trust_v0=trusted))
         kl = len(res.eigenvalues)
-        resl = eigs(op.T, k=kl, which=which, v0=v0_left, tol=tol, ncv=ncv, maxiter=maxiter,
-                    block_size=s_blk if kl + s_blk < ncv else 1, generator=generator,
-                    trust_v0=trusted)
+        resl = part.lift(eigs(J.T, k=kl, which=which, v0=v0_left, tol=tol, ncv=ncv,
+                              maxiter=maxiter, block_size=s_blk if kl + s_blk < ncv else 1,
+                              generator=generator, trust_v0=trusted))
         y_cols, left_ok, left_dist = _left_match(res, resl, tol, op.dtype)
         Y = resl.eigenvectors
     z = res.eigenvalues.detach().cpu().numpy().astype(np.complex128)
@@ -988,8 +1023,19 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
                 f"{', started from the structured subspace' if v0 is not None else ''}"
                 f"{f', block size {s_blk}' if s_blk > 1 else ''})",
                 hessenberg=getattr(res, "hessenberg", None),
-                messages=[_msg(res), *_left_note(left_ok, left_dist, resl)],
+                messages=[_msg(res), *_left_note(left_ok, left_dist, resl),
+                          *_left_out_note(part.n_left_out, N)],
                 missing_directions=max(missing, 0))
+
+
+def _left_out_note(n_out: int, N: int) -> list[str]:
+    if not n_out:
+        return []
+    return [
+        f"{n_out} of the {N} state entries are constants of this step (parameters the loss does "
+        "not reach, and momentum buffers the step neither reads nor writes): J is 1 or 0 "
+        "there, decoupled from the rest, and they are left out of the modes"
+    ]
 
 
 def _start_blocks(st, W: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
