@@ -1056,3 +1056,15 @@ def test_optimizer_state_edited_after_the_build_makes_the_operator_stale():
     op = update_operator(model, opt, loss_fn, batch)
     opt.load_state_dict(opt.state_dict())
     op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind, key", [("sgd", "momentum_buffer"), ("adam", "exp_avg"),
+                                       ("adam", "exp_avg_sq")])
+def test_a_non_finite_optimizer_state_is_an_error_not_a_report(kind, key):
+    """A diverged run's NaN/inf buffer: SGD's report said nothing (J does not read the buffer),
+    Adam's eigsh blamed the model's HVPs (review case)."""
+    model, opt, loss_fn, batch = sgd_case() if kind == "sgd" else adam_case()
+    p = next(iter(opt.state))
+    opt.state[p][key].view(-1)[0] = float("nan" if key != "momentum_buffer" else "inf")
+    with pytest.raises(NonFiniteError, match=f"{key} of parameter '0.weight' is not finite"):
+        update_operator(model, opt, loss_fn, batch)

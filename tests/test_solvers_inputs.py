@@ -240,3 +240,22 @@ def test_strict_raises_when_a_converged_pair_misses_tol_by_its_true_residual():
     r = kg.eigsh(torch.as_tensor(S), k=3, generator=torch.Generator().manual_seed(0),
                  strict=True)
     assert r.residual_misses == 0
+
+
+def test_left_residuals_are_those_of_the_returned_left_vectors():
+    """Unconverged left pairs (a non-normal triangular matrix whose adjoint run matched
+    other values): left_residuals took the real part of a complex left vector for a real z
+    and copied a residual to a 'partner' column that was not its conjugate (reported 0.74
+    where the vectors have 0.33; review case). Oracle: ||y^H A - z y^H|| recomputed densely."""
+    rng = np.random.default_rng(5)
+    for _ in range(15):  # the generator's state as in the review (random matrices first)
+        rng.standard_normal((10, 10))
+    n = 60
+    T = np.triu(rng.standard_normal((n, n)), 1) * 3 + np.diag(np.arange(1, n + 1) / 10.0)
+    for ncv in (None, 40):
+        r = eigs(torch.as_tensor(T), k=3, left=True, ncv=ncv,
+                 generator=torch.Generator().manual_seed(1))
+        z = r.eigenvalues.numpy()
+        Y = r.left_eigenvectors.numpy()
+        true = np.linalg.norm(Y.conj().T @ T - z[:, None] * Y.conj().T, axis=1)
+        assert np.allclose(r.left_residuals.numpy(), true, rtol=1e-6, atol=1e-12)

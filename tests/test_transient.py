@@ -159,7 +159,12 @@ def test_kreiss_of_jordan_2x2_and_normal():
     # a normal matrix with rho < 1 has K = 1 (approached as |z| -> inf)
     kb = kreiss_lower_bound(np.diag([0.5, -0.3]))
     assert 0.98 < kb.value <= 1.0 + 1e-12
-    assert math.isinf(kreiss_lower_bound(np.diag([1.0, 0.2])).value)
+    # rho > 1: K infinite. On the unit circle the samples still bound K: 1 for a normal
+    # matrix (was reported inf: wrong, a review case), huge for a Jordan block at 1
+    assert math.isinf(kreiss_lower_bound(np.diag([1.01, 0.2])).value)
+    assert kreiss_lower_bound(np.diag([1.0, 0.2])).value == pytest.approx(1.0, abs=1e-9)
+    assert kreiss_lower_bound(np.eye(3)).value == pytest.approx(1.0, abs=1e-9)
+    assert kreiss_lower_bound(np.array([[1.0, 1.0], [0.0, 1.0]])).value > 1e6
 
 
 # -- projection onto a computed subspace ------------------------------------------------------
@@ -245,3 +250,16 @@ def test_orthonormal_basis_rank_is_the_inputs_rounding_level_not_n_eps():
     assert orthonormal_basis(X).shape[1] == 2
     Y = torch.stack([a, (a.double() * (1 + 1e-9)).float()], 1)
     assert orthonormal_basis(Y).shape[1] == 1
+
+
+def test_bad_inputs_are_clear_errors_or_documented_values():
+    """Review cases: kappa_V of 2 vectors in 0 dimensions raised an IndexError from amax
+    (documented: inf for k > n); transient_growth with rho=NaN said 'cannot convert float NaN
+    to integer'."""
+    from kappa_gpu import kappa_V
+
+    assert math.isinf(kappa_V(np.zeros((0, 2))))
+    with pytest.raises(ValueError, match="rho must be a number"):
+        transient_growth(0.5 * np.eye(2), rho=float("nan"))
+    with pytest.raises(ValueError, match="kappa_v one > 0"):
+        transient_growth(0.5 * np.eye(2), kappa_v=float("nan"), rho=0.5)

@@ -90,6 +90,8 @@ def kappa_V(X) -> float:
         return 1.0
     if bool(torch.isnan(X).any()):
         return math.nan
+    if k > n:  # more vectors than dimensions (also n = 0)
+        return math.inf
     Xu, bad = _unit_columns(X)
     if bool(bad.any()) or k > n:
         return math.inf

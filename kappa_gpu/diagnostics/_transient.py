@@ -194,6 +194,11 @@ def transient_growth(
         kappa_v = kv if kappa_v is None else float(kappa_v)
         rho = r if rho is None else float(rho)
     kappa_v, rho = float(kappa_v), float(rho)
+    if not (rho >= 0.0 and kappa_v > 0.0):  # NaN fails both
+        raise ValueError(
+            f"transient_growth: rho must be a number >= 0 and kappa_v one > 0 (or inf), got "
+            f"rho={rho}, kappa_v={kappa_v}"
+        )
     if horizon is None:
         horizon_ = _default_horizon(kappa_v, rho, cap, k)
         early_stop = rho < 1.0
@@ -270,7 +275,9 @@ class KreissBound:
 
     Attributes:
         value: the largest ``(|z| - 1) / sigma_min(zI - T)`` found (``<= K(T)``); ``inf`` when
-            ``rho(T) >= 1``.
+            ``rho(T) > 1`` (beyond rounding), where ``K(T)`` is infinite. At ``rho = 1`` the
+            samples still bound ``K`` from below (1 for the identity; a Jordan block on the unit
+            circle makes ``K`` infinite, which sampling approaches but never reaches).
         z: the ``z`` attaining it.
         growth_lower: ``value``: by the Kreiss matrix theorem ``K(T) <= sup_t ||T^t||``, so this
             is a rigorous lower bound of the maximal transient growth.
@@ -323,17 +330,24 @@ def kreiss_lower_bound(
         raise ValueError(f"n_radii and n_angles must be >= 1, got {n_radii}, {n_angles}")
     ev = np.linalg.eigvals(A)
     rho = float(np.max(np.abs(ev)))
-    if rho >= 1.0:
+    # An eigenvalue outside the unit circle: K is infinite. On it (to rounding: the identity's
+    # computed rho can be 1 + 2e-16) the samples below are still valid lower bounds (it was
+    # reported as inf: wrong for the identity, whose K is 1).
+    if rho > 1.0 + 64 * float(np.finfo(np.float64).eps):
         j = int(np.argmax(np.abs(ev)))
         return KreissBound(math.inf, complex(ev[j]), math.inf, math.inf, 0)
 
     def ratio(zs: np.ndarray) -> np.ndarray:
         zs = np.asarray(zs, dtype=np.complex128).reshape(-1)
         smin = _sigma_min_shifted(A, zs)
-        with np.errstate(divide="ignore"):
-            return np.where(smin > 0, (np.abs(zs) - 1.0) / smin, math.inf)
+        # smin = 0 at |z| > 1 >= rho is rounding (z within eps of an eigenvalue on the unit
+        # circle): no information, not an infinite bound
+        out = np.zeros(zs.shape)
+        np.divide(np.abs(zs) - 1.0, smin, out=out, where=smin > 0)
+        return out
 
-    gap = max(1.0 - rho, 1e-12)
+    # r - 1 >= 1e-10: closer, z rounds onto an eigenvalue on the unit circle
+    gap = max(1.0 - rho, 1e-6)
     radii = 1.0 + np.geomspace(1e-4 * gap, 1e2, n_radii)
     thetas = np.linspace(0.0, 2 * np.pi, n_angles, endpoint=False)
     # rays through the (at most 16) outermost eigenvalues: the resolvent peaks outside them

@@ -69,6 +69,7 @@ from kappa_gpu._linop import LinearOperator
 from kappa_gpu.operators._hvp import HessianOperator, _EngineAttributes, _HVPEngine
 from kappa_gpu.operators._validate import (
     MissingOptimizerStateError,
+    NonFiniteError,
     NoTrainableParametersError,
     StaleOperatorError,
     UnsupportedConfigurationError,
@@ -737,6 +738,25 @@ def _hyper_value(v: Any) -> Any:
     return v
 
 
+def _check_finite_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                        names: Sequence[str], kind: str) -> None:
+    """NonFiniteError for a NaN/inf momentum buffer or Adam moment (the next real step is not
+    finite there; Adam's D and J would be NaN, and an SGD report would say nothing of it).
+    One sum per tensor (a finite sum proves every entry finite)."""
+    keys = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
+    for p, name in zip(params, names, strict=True):
+        st = optimizer.state.get(p, {})
+        for key in keys:
+            t = st.get(key)
+            if (isinstance(t, torch.Tensor) and not math.isfinite(float(t.sum()))
+                    and not bool(torch.isfinite(t).all())):
+                raise NonFiniteError(
+                    f"the optimizer's {key} of parameter {name!r} is not finite (NaN or inf): "
+                    "the next step is not finite there and the linearized update is undefined; "
+                    "has training diverged? Analyse an earlier checkpoint"
+                )
+
+
 def _state_marks(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
                  kind: str) -> list[tuple]:
     """What J's coefficients read from the optimizer state (staleness check, no device
@@ -977,6 +997,7 @@ def update_operator(
         model, loss_fn, batch, params, seed=seed, dtype=dtype, process_group=process_group,
         hvp=hvp,
     )
+    _check_finite_state(optimizer, params, engine.names, kind)
     g = engine.gradient()
     mask, padding, shared = _padding_mask(engine, g)
     tied: list[str] = []  # shared rows left approximate (no split here)

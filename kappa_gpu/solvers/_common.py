@@ -261,10 +261,14 @@ def true_residuals(
         R = X * torch.as_tensor(-z.real, dtype=X.dtype, device=X.device)
         R = R.add_(AX) if not AX.is_complex() else R + AX  # one n x k temporary
         return _finite(torch.linalg.vector_norm(R, dim=0).to("cpu", torch.float64).numpy()), k
-    reps = [i for i in range(k) if partner is None or partner[i] < 0 or partner[i] > i]
+    # A partner's residual is the conjugate one only when its column is the conjugate (left
+    # vectors matched to the right run's values need not be: each is then done on its own).
+    pair = [partner is not None and partner[i] >= 0
+            and bool(torch.equal(X[:, partner[i]], X[:, i].conj())) for i in range(k)]
+    reps = [i for i in range(k) if not pair[i] or partner[i] > i]
     cols, where = [], []
     for i in reps:
-        if z[i].imag == 0:
+        if z[i].imag == 0 and not bool(X[:, i].imag.any()):
             cols.append(X[:, i].real)
             where.append((i, len(cols) - 1, None))
         else:
@@ -280,7 +284,7 @@ def true_residuals(
         zi = zt[i].to(X.dtype) if X.is_complex() else zt[i]
         r = Ax.to(X.dtype) - zi * X[:, i]
         res[i] = float(torch.linalg.vector_norm(r))
-        if partner is not None and partner[i] >= 0:
+        if pair[i]:
             res[partner[i]] = res[i]
     return _finite(res), M.shape[1]
 
