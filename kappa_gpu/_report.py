@@ -52,8 +52,11 @@ class KappaReport:
         spectral_radius: max |z| over the computed modes (not over the whole spectrum).
         curvatures: the curvature s of each mode (eigenvalue of D^1/2 Ht D^1/2; for the arnoldi
             path inferred from z through the 2x2 block's characteristic polynomial).
-        ep_ratio: per mode, a s / (sqrt(c) +- sqrt(beta))^2 - 1 for the nearest exceptional point
-            (0 at the EP); ``ep_which`` says which one ("lower"/"upper").
+        ep_ratio: per mode, s / s_ep - 1 for the nearest exceptional point s_ep of its 2x2 block
+            (0 at the EP; s_ep = (sqrt(c) +- sqrt(beta))^2 / a when a = a2 and b = beta, the
+            roots of the block's discriminant in general, e.g. nesterov);
+            ``ep_which`` says which one ("lower"/"upper"). Modes of negative curvature get
+            about -1 (far from both EPs, which lie at s > 0).
         discriminant: per mode, the 2x2 discriminant (zero at an EP, negative between the EPs).
         stability_margin: per mode, 1 - max |z| of its block (negative means unstable).
         at_ep: per mode, whether it sits at an exceptional point (to rounding).
@@ -76,6 +79,8 @@ class KappaReport:
         method, variant, modes, target: what was computed and how it was targeted.
         coordinates: the coordinates kappa_V refers to.
         message: a human-readable status; says what to do when something did not converge.
+        hessenberg: the arnoldi path's final Krylov decomposition (for
+            :func:`~kappa_gpu.pseudospectra`); with ``modes="both"`` the sharp side's only.
     """
 
     eigenvalues: np.ndarray
@@ -144,7 +149,8 @@ class KappaReport:
         return (
             f"KappaReport(method={self.method!r}, optimizer={self.optimizer!r}, "
             f"modes={self.modes!r}, k={len(self.curvatures)}, kappa_V={self.kappa_V:.4g}, "
-            f"rho={self.spectral_radius:.6g}, nearest_ep_ratio={self.nearest_ep_ratio:+.3g}, "
+            f"rho_computed={self.spectral_radius:.6g}, "
+            f"nearest_ep_ratio={self.nearest_ep_ratio:+.3g}, "
             f"transient_growth={self.transient_growth:.4g}, "
             f"converged={conv}/{len(self.converged)}, n_hvp={self.n_hvp}, "
             f"seconds={self.seconds:.3g})"
