@@ -259,3 +259,21 @@ def test_left_residuals_are_those_of_the_returned_left_vectors():
         Y = r.left_eigenvectors.numpy()
         true = np.linalg.norm(Y.conj().T @ T - z[:, None] * Y.conj().T, axis=1)
         assert np.allclose(r.left_residuals.numpy(), true, rtol=1e-6, atol=1e-12)
+
+
+def test_a_which_callable_without_finite_keys_is_an_error():
+    """All-NaN keys ranked every Ritz value alike and returned an arbitrary 'converged' set
+    (review case); a scalar key is a clear error too. Non-finite keys for some values only
+    rank those last."""
+    A = torch.as_tensor(np.random.default_rng(0).standard_normal((30, 30)))
+    with pytest.raises(ValueError, match="none finite"):
+        eigs(A, k=2, which=lambda z: np.full(z.shape, np.nan))
+    with pytest.raises(ValueError, match="one key per eigenvalue"):
+        eigs(A, k=2, which=lambda z: 1.0)
+
+    def real_but_nan_left(z):
+        return np.where(z.real < 0, np.nan, z.real)
+
+    r = eigs(A, k=2, which=real_but_nan_left, tol=1e-10)
+    ref = np.sort(np.linalg.eigvals(A.numpy()).real)[::-1][:2]
+    assert np.allclose(np.sort(r.eigenvalues.real.numpy())[::-1][:2], ref, rtol=1e-8)

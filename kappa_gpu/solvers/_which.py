@@ -30,7 +30,16 @@ def order_complex(theta: np.ndarray, which, sigma: float | None) -> np.ndarray:
     if callable(which):
         # A user key (SLEPc's EPS_WHICH_USER): larger means more wanted.
         key = -np.real(np.asarray(which(theta), dtype=np.complex128))
-        key = np.where(np.isfinite(key), key, np.inf)
+        if key.shape != theta.shape or not np.isfinite(key).any():
+            raise ValueError(
+                f"which={getattr(which, '__name__', which)!r} must return one finite real key "
+                f"per eigenvalue (larger = more wanted); for {theta.size} Ritz values it "
+                f"returned {key.shape[0] if key.ndim else 'a scalar'} key(s), none finite"
+                if key.shape == theta.shape else
+                f"which={getattr(which, '__name__', which)!r} must return one key per "
+                f"eigenvalue: shape {key.shape} for {theta.size} Ritz values"
+            )
+        key = np.where(np.isfinite(key), key, np.inf)  # non-finite: least wanted
     elif which == "LM":
         key = -np.abs(d)
     elif which == "SM":
