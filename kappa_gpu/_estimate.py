@@ -258,12 +258,19 @@ def estimate(
             "loss): the update does not move theta and J has no curvature modes to estimate; "
             "estimate at a step with lr > 0"
         )
-    usable = structure is not None and structure.uniform
+    frozen_lr = _frozen_lr_buffers(structure)
+    usable = structure is not None and structure.uniform and not frozen_lr
     if method == "structured" and not usable:
         if mapped:
             why = "; ".join(op.gradient_map_notes())
         elif structure is None:
             why = "the full Adam variant has no 2x2 block structure"
+        elif frozen_lr:
+            why = (
+                "a parameter group with lr = 0 that the loss reaches: its momentum buffers (or "
+                "Adam's exp_avg) follow the curvature while its parameters stay, which the 2x2 "
+                "blocks do not represent (their eigenvectors would miss those buffer entries)"
+            )
         else:
             why = "block coefficients differ between parameter groups"
         raise ValueError(f"method='structured' does not apply here: {why}; use method='arnoldi'")
@@ -314,6 +321,12 @@ def estimate(
                 "(largest for modes='negative'), not the sharpest curvatures; they can be one "
                 f"group's bulk modes (z near its {'momentum' if op.kind == 'sgd' else 'beta1'}). "
                 "For curvature-targeted modes make those the same in every group"
+            )]
+        elif frozen_lr and method == "auto":
+            out["messages"] = [*out.get("messages", []), (
+                "a parameter group with lr = 0 is reached by the loss (its momentum buffers "
+                "follow the curvature while its parameters stay): the 2x2 blocks miss those "
+                "buffer entries, so the arnoldi path was taken"
             )]
 
     z = out["z"]
@@ -809,6 +822,20 @@ _COEFFICIENT_SOURCES = {
     "adam": {"beta": "beta1", "b": "beta1", "a": "beta1", "a2": "beta1",
              "c": "lr * weight_decay (decoupled decay: c = 1 - lr * weight_decay)"},
 }
+
+
+def _frozen_lr_buffers(st) -> bool:
+    """Whether a reached entry has lr = 0 (D = 0) while its buffer is fed by the curvature
+    (``a2 != 0``): the buffer's rows of J then read theta elsewhere (``b' = mu b + a2 (Ht
+    theta)_i``) while ``u = D^1/2 w`` is 0 there, so the block eigenvectors
+    ``p0 (u, 0) + p1 (0, D^-1 u)`` miss those entries (kappa_V 1.26 where J's is 1.83; review
+    case): the arnoldi path takes it."""
+    if st is None or st.order != 2:
+        return False
+    reached = (st.D == 0) & (st.a2 != 0)
+    if st.active is not None:
+        reached &= st.active.to(reached.device)
+    return bool(reached.any())
 
 
 def _nonuniform_hyperparameters(st, kind: str = "sgd") -> str:

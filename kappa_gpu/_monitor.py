@@ -165,7 +165,9 @@ class WarningRules:
         kappa_max: optional absolute ceiling on kappa_V (``None``: off).
         ep_margin: ``near_ep`` fires when a mode's ``|ep_ratio| <= ep_margin``.
         ep_which: which exceptional points count (``"upper"``, ``"lower"``).
-        edge_margin: ``stability_edge`` fires when a sharp real mode's margin is below this.
+        edge_margin: ``stability_edge`` fires when a sharp real mode whose largest root heads
+            to z = -1 has its margin below this (a flat mode near z = +1 does not), or when
+            any mode has |z| > 1.
         enabled: set False to switch all rules off.
     """
 
@@ -1084,13 +1086,23 @@ class KappaMonitor:
                 f"(ep_ratio {ratio[i]:+.3g}); kappa_V = {kv:.4g}",
             )
 
+        zs = np.asarray(report.eigenvalues, dtype=np.complex128)
+        mode_of = np.asarray(report.mode_of)
+
+        def toward_minus_one(i: int) -> bool:
+            # The edge is z -> -1 (a s -> 2 (1 + beta)). A mode with z near +1 (plain SGD at a
+            # small lr: z = 1 - lr s) is flat, not at an edge: its small margin is no warning.
+            zi = zs[mode_of == i] if len(mode_of) == len(zs) else zs[i:i + 1]
+            return bool(len(zi) == 0 or zi[np.argmax(np.abs(zi))].real < 0)
+
         edge = []
         for i in range(min(len(margin), len(curv))):
             if not curv[i] > 0 or not math.isfinite(margin[i]):
                 continue
             past_upper = i < n and which[i] == "upper" and ratio[i] >= 0
             no_ep = i >= n or np.isnan(ratio[i]) or which[i] == "none"
-            if margin[i] < 0 or ((past_upper or no_ep) and margin[i] < r.edge_margin):
+            if margin[i] < 0 or ((past_upper or no_ep) and margin[i] < r.edge_margin
+                                 and toward_minus_one(i)):
                 edge.append(i)
         if edge:
             i = min(edge, key=lambda j: margin[j])

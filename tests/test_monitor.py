@@ -33,10 +33,12 @@ def fake_report(
     curvatures=(1.0,),
     margins=(0.05,),
     warm: torch.Tensor | None = None,
+    eigenvalues=None,
 ) -> KappaReport:
     m = len(curvatures)
     kwargs = dict(
-        eigenvalues=np.full(2 * m, rho, dtype=np.complex128),
+        eigenvalues=(np.full(2 * m, rho, dtype=np.complex128) if eigenvalues is None
+                     else np.asarray(eigenvalues, dtype=np.complex128)),
         kappa_V=kappa,
         condition_numbers=np.ones(2 * m),
         spectral_radius=rho,
@@ -301,13 +303,19 @@ def test_near_ep_and_stability_edge_rules():
         # near the lower EP: ignored by default
         fake_report(ep_ratio=[0.01], ep_which=["lower"], curvatures=[0.01], margins=[0.05]),
         # past the upper EP, real pair close to -1: stability_edge
-        fake_report(ep_ratio=[0.2], ep_which=["upper"], curvatures=[4.0], margins=[0.01]),
+        fake_report(ep_ratio=[0.2], ep_which=["upper"], curvatures=[4.0], margins=[0.01],
+                    eigenvalues=[-0.99, -0.91]),
         # unstable sharp mode
         fake_report(ep_ratio=[0.5], ep_which=["upper"], curvatures=[5.0], margins=[-0.3]),
         # negative curvature with z > 1: not an edge event
         fake_report(ep_ratio=[np.nan], ep_which=["none"], curvatures=[-1.0], margins=[-0.01]),
-        # plain SGD (no EP): margin rule alone
-        fake_report(ep_ratio=[np.nan], ep_which=["none"], curvatures=[19.9], margins=[0.005]),
+        # plain SGD (no EP) near z = -1: margin rule alone
+        fake_report(ep_ratio=[np.nan], ep_which=["none"], curvatures=[19.9], margins=[0.005],
+                    eigenvalues=[-0.995, -0.995]),
+        # plain SGD at a small lr: z = 1 - lr s near +1 is a flat mode, not an edge (it fired
+        # at every estimate; review case)
+        fake_report(ep_ratio=[np.nan], ep_which=["none"], curvatures=[0.0075],
+                    margins=[0.0075], eigenvalues=[0.9925, 0.9925]),
     ]
     mon = KappaMonitor(
         model,
@@ -325,6 +333,7 @@ def test_near_ep_and_stability_edge_rules():
         ["stability_edge"],
         [],
         ["stability_edge"],
+        [],
     ]
 
 
