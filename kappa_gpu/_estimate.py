@@ -311,7 +311,18 @@ def estimate(
             )
         out = _merge(parts)
         target = ", ".join(p["target"] for p in parts)
-        if frozen_structure is not None and not frozen_structure.uniform:
+        near = (frozen_structure is not None and not frozen_structure.uniform
+                and _coeffs(frozen_structure, near=True))
+        if near:
+            which_differ = _nonuniform_hyperparameters(frozen_structure, op.kind)
+            out["messages"] = [*out.get("messages", []), (
+                f"block coefficients differ slightly between parameter groups ({which_differ}; "
+                f"relative spread <= {_NEAR_UNIFORM:g}): the modes are ranked, and their "
+                "curvatures and exceptional-point distances inferred, with the coefficients "
+                f"most entries have ({', '.join(f'{k}={v:.6g}' for k, v in near._asdict().items())}"
+                "); the eigenpairs are exact"
+            )]
+        elif frozen_structure is not None and not frozen_structure.uniform:
             # Silent otherwise: "SR" can pick a group's bulk modes (z near its momentum, Re z
             # below the sharp pairs' (1 + beta - a s) / 2) and report them as the sharp modes.
             which_differ = _nonuniform_hyperparameters(frozen_structure, op.kind)
@@ -353,7 +364,7 @@ def estimate(
 
     # Per-mode exceptional-point quantities from the block coefficients.
     s = out["s"]
-    coeffs = _coeffs(frozen_structure)
+    coeffs = _coeffs(frozen_structure, near=True)
     if coeffs is not None and len(s):
         epr = _blocks.ep_ratio(s, *coeffs)
         disc = _blocks.discriminant(s, *coeffs)
@@ -533,11 +544,46 @@ def _scalar_coefficients(st) -> tuple[float, float, float, float, float]:
     return tuple(out)  # type: ignore[return-value]
 
 
-def _coeffs(structure) -> _blocks.BlockCoefficients | None:
-    """Scalar block coefficients when uniform (the EP yardstick), else None."""
-    if structure is None or not structure.uniform or structure.order != 2:
+def _coeffs(structure, near: bool = False) -> _blocks.BlockCoefficients | None:
+    """Scalar block coefficients when uniform (the EP yardstick), else None; ``near``: also
+    those of :func:`_near_coefficients` for a nearly uniform structure."""
+    if structure is None or structure.order != 2:
         return None
-    return _blocks.BlockCoefficients(*_scalar_coefficients(structure))
+    if structure.uniform:
+        return _blocks.BlockCoefficients(*_scalar_coefficients(structure))
+    return _near_coefficients(structure) if near else None
+
+
+#: relative spread over the groups below which the block coefficients are one yardstick: AdamW
+#: with decay on the weights only (Hugging Face's default grouping) has c = 1 - lr wd and 1,
+#: a spread of lr wd (1e-5 .. 1e-3)
+_NEAR_UNIFORM = 2e-3
+
+
+def _near_coefficients(st) -> _blocks.BlockCoefficients | None:
+    """The block coefficients most active entries have, when every coefficient's spread over
+    the active entries is at most ``_NEAR_UNIFORM`` (relative); else None. A ranking key and
+    an EP yardstick (the eigenpairs stay exact; curvatures inferred from z carry an error of
+    about the spread / a). The majority is read on a strided sample of 4096 active entries."""
+    vals = []
+    for f in ("a", "a2", "b", "beta", "c"):
+        v = getattr(st, f)
+        if not torch.is_tensor(v) or v.numel() == 1:
+            vals.append(float(v))
+            continue
+        v = v.reshape(-1)
+        if st.active is not None:
+            v = v[st.active.reshape(-1).to(v.device)]
+        if v.numel() == 0:
+            return None
+        lo, hi = (float(t) for t in torch.aminmax(v.double()))
+        sample = v[:: max(1, v.numel() // 4096)].double().cpu()
+        uniq, counts = torch.unique(sample, return_counts=True)
+        ref = float(uniq[torch.argmax(counts)])
+        if hi - lo > _NEAR_UNIFORM * max(abs(ref), 1e-12):
+            return None
+        vals.append(ref)
+    return _blocks.BlockCoefficients(*vals)
 
 
 def _sym_operator(structure):
@@ -939,7 +985,7 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
             f"ncv={ncv} does not fit the arnoldi path: it computes {kk} eigenvalues of J for "
             f"k={k} modes, so it needs {kk + 1} < ncv <= {Nr} (default: max(3 * {kk}, 20))"
         )
-    coeffs = _coeffs(st)
+    coeffs = _coeffs(st, near=True)
     if coeffs is not None:
         # Rank Ritz values by the curvature they stand for (both roots of a mode alike).
         sign = 1.0 if side == "sharp" else -1.0
@@ -961,9 +1007,10 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
     if warm is not None and warm.shape[0] == N:
         v0 = warm
         trusted = warm_here
-    elif st is not None and st.uniform:
+    elif st is not None and (st.uniform or coeffs is not None):
         # Start from the structured modes' invariant subspace (of the frozen operator):
-        # Arnoldi then refines instead of searching.
+        # Arnoldi then refines instead of searching. Nearly uniform coefficients (AdamW with
+        # decay on the weights only): the subspace of the majority's blocks, a close start.
         # An active clip: the modes of the symmetrized clipped curvature C^1/2 Ht C^1/2 (same
         # coefficients), mapped by P = diag(C^1/2, ...) (left: P^-T); J = P J' P^-1 exactly
         # for SGD with one lr, a close start for Adam (95,770-parameter MLP, k = 8: 485 -> 238
@@ -992,7 +1039,7 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
             # modes, restarts (bench/bench_estimate.py). Not for Adam's full variant, whose
             # modes leave the frozen subspace: there a block run searches, and searches slowly.
             s_blk = W.shape[1]
-            trusted = True
+            trusted = st.uniform  # nearly uniform: close, not invariant (explore one cycle)
     if ncv is None:
         ncv = _eigs_ncv(kk, Nr, s_blk)
     if not kk + s_blk < ncv <= Nr:
