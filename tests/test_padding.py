@@ -451,3 +451,102 @@ def test_a_padding_row_reused_in_the_forward_pass_is_told_by_its_gradient_share(
     assert not [w for w in caught if "also used elsewhere" in str(w.message)]
     assert op.padding == (["emb.weight[0]"] if scored else [])
     assert rel_err(op.to_dense(), fd_jacobian(*case)) <= 1e-6
+
+
+class _DirectLookup(nn.Module):
+    """F.embedding(..., padding_idx=0) called in forward on a Linear's weight (no nn.Embedding
+    module): the lookups' share of row 0 is masked by torch, the output layer's is not."""
+
+    def __init__(self, pad: int | None = 0):
+        super().__init__()
+        self.out = nn.Linear(E, V)
+        self.h = nn.Linear(E, E)
+        self.pad = pad
+
+    def forward(self, ids):
+        e = F.embedding(ids, self.out.weight, padding_idx=self.pad)
+        return self.out(torch.tanh(self.h(e)))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_direct_f_embedding_call_with_padding_idx_is_split_exactly(kind):
+    """Only nn.Embedding modules were tracked: a direct call gave a silently wrong J (1.6e-2
+    off real steps; review case). The engine now records such calls at the gradient and
+    reads their padding row's lookups through a variable of their own; hessian_operator is
+    the loss's own Hessian there too."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V, (4, 5), generator=g)
+    ids[:, -2:] = 0
+    tgt = torch.randint(0, V, (4, 5), generator=g)
+    torch.manual_seed(1)
+    model = _DirectLookup().double()
+    if kind == "sgd":
+        case = _stepped(model, ids, tgt)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        take_steps(model, opt, ce, (ids, tgt), 3)
+        case = (model, opt, ce, (ids, tgt))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = update_operator(*case, variant="full" if kind == "adamw" else None)
+    assert op.padding_shared == ["out.weight[0] (F.embedding)"] and op.structure() is None
+    J_fd = fd_jacobian(*case)
+    ok = torch.isfinite(J_fd).all(0)
+    assert rel_err(op.to_dense()[:, ok], J_fd[:, ok]) <= 1e-6
+    # the loss's own Hessian: autograd through the same forward without padding_idx
+    H = hessian_operator(model, ce, (ids, tgt)).to_dense()
+    ref = copy.deepcopy(model)
+    ref.pad = None
+    names = [n for n, _ in ref.named_parameters()]
+    params = list(model.parameters())
+
+    def f(flat):
+        out, o = {}, 0
+        for n, p in zip(names, params, strict=True):
+            out[n] = flat[o:o + p.numel()].reshape(p.shape)
+            o += p.numel()
+        return ce(torch.func.functional_call(ref, out, (ids,)), tgt)
+
+    H_ref = torch.autograd.functional.hessian(f, torch.cat([p.detach().reshape(-1)
+                                                            for p in params]))
+    assert rel_err(H, H_ref) <= 1e-10
+    with pytest.warns(UserWarning, match="outside an nn.Embedding module"):
+        update_operator(*case, hvp="forward")
+
+
+def test_scale_grad_by_freq_is_refused_and_a_parametrized_padded_weight_is_warned():
+    """scale_grad_by_freq=True: torch's row-scaled gradient is no gradient of any loss (the
+    'Hessian' was 47% asymmetric, Lanczos ran 22k matvecs without converging); refused with a
+    message. A padded embedding whose weight is computed (weight_norm) cannot be masked by
+    the operator: warned (3.7e-2 off real steps, silently, before)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (4, 5), generator=g)
+    tgt = torch.randint(0, V, (4, 5), generator=g)
+    torch.manual_seed(1)
+    model = Tagger(padding_idx=None).double()
+    model.emb.scale_grad_by_freq = True
+    case = _stepped(model, ids, tgt)
+    with pytest.raises(kg.operators.UnsupportedConfigurationError, match="scale_grad_by_freq"):
+        update_operator(*case)
+    with pytest.raises(kg.operators.UnsupportedConfigurationError, match="scale_grad_by_freq"):
+        hessian_operator(*case[:1], ce, case[3])
+    torch.manual_seed(1)
+    model = Tagger().double()
+    with torch.no_grad():  # a zero padding row has a 0/0 weight_norm gradient
+        model.emb.weight[0] = torch.randn(E, dtype=torch.float64)
+    torch.nn.utils.parametrizations.weight_norm(model.emb)
+    ids[:, -2:] = 0
+    case = _stepped(model, ids, tgt)
+    with pytest.warns(UserWarning, match="computed weight"):
+        op = update_operator(*case)
+    assert any("computed weight" in n for n in op._engine.notes)
+
+
+def test_adam_full_estimate_of_a_tied_padding_row_is_not_warned_as_approximate():
+    """estimate's frozen helper operator (forward mode, no split) warned 'approximate' while
+    the solved operator was exact (review case)."""
+    case = _case("adamw", tied=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = kg.estimate(*case, k=2, variant="full", tol=1e-8)
+    assert "approximate" not in r.message and "lookups' share" in r.message

@@ -1001,15 +1001,20 @@ def update_operator(
     g = engine.gradient()
     mask, padding, shared = _padding_mask(engine, g)
     tied: list[str] = []  # shared rows left approximate (no split here)
-    split = False
+    # rows of direct F.embedding(padding_idx) calls, split by engine.gradient() already
+    direct = list(engine.split)
+    split = bool(direct)
+    shared_names = [f"{engine.names[i]}[{row}] (F.embedding)" for i, row in direct]
+    padding = padding + shared_names
     if shared:
-        g_step = engine.split_padding([key for key, _ in shared])
+        g_step = engine.split_padding(direct + [key for key, _ in shared])
         names = [n for _, ns in shared for n in ns]
         if g_step is None:
             tied = names
         else:  # the lookups read variables of their own: J exact, not symmetric
             g, split = g_step, True
             padding = padding + names
+            shared_names = shared_names + names
     if mask is not None:
         g = g * mask  # torch zeroes the padding rows' gradient
     clip = None
@@ -1051,7 +1056,7 @@ def update_operator(
             gmap,
         )
     op.clip, op.padding = clip, padding
-    op.padding_shared = [n for _, ns in shared for n in ns] if split else []
+    op.padding_shared = shared_names if split else []
     op.notes = _left_out(params, optimizer, sorted(engine._mutable))
     if tied:
         op.notes.append(
