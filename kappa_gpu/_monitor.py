@@ -320,7 +320,8 @@ class MonitorOverhead:
         return (
             f"kappa_gpu monitor overhead: {100 * self.ratio:.2f}% ({self.monitor_seconds:.2f} s "
             f"monitor / {self.train_seconds:.2f} s training; {self.n_estimates} estimates over "
-            f"{self.n_steps} steps{skipped}, {self.n_failures} failed, {self.n_hvp} HVPs, "
+            f"{self.n_steps} steps{skipped}, {self.n_failures} caught exception(s) (estimates, "
+            f"callbacks, writers), {self.n_hvp} HVPs, "
             f"{self.mean_estimate_seconds:.3f} s per estimate)"
         )
 
@@ -981,7 +982,7 @@ class KappaMonitor:
             budget_limited=bool(budget_limited),
             maxiter=maxiter,
             method=str(report.method),
-            message=str(report.message),
+            message=str(report.message) + self._mode_note(),
             report=stored,
         )
         if math.isnan(rho) or math.isnan(kv):
@@ -1114,6 +1115,22 @@ class KappaMonitor:
                 f"1 - |z| = {margin[i]:+.3g} (edge of stability at 0)",
             )
         return out
+
+    def _mode_note(self) -> str:
+        """A note when the model is in eval mode while it has modules that train differently
+        (dropout, batch statistics): J is then the step of the eval-mode model, not the
+        training step's (a loop that validates before calling the monitor)."""
+        model = getattr(self.model, "module", self.model)
+        if model.training:
+            return ""
+        kinds = sorted({type(m).__name__ for m in model.modules()
+                        if isinstance(m, (torch.nn.modules.dropout._DropoutNd,
+                                          torch.nn.modules.batchnorm._BatchNorm))})
+        if not kinds:
+            return ""
+        return (f"; the model was in eval mode at this estimate ({', '.join(kinds)} act "
+                "differently in training): J is that of an eval-mode step; call the monitor "
+                "in train mode, after optimizer.step(), to analyse the training step")
 
     def _emit(self, record: MonitorRecord) -> None:
         """Write the record (JSONL, CSV, TensorBoard) and deliver its warnings; isolated."""

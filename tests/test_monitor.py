@@ -564,3 +564,28 @@ def test_default_estimator_is_looked_up_at_call_time(monkeypatch):
     monkeypatch.setattr(e, "estimate", est)
     mon = KappaMonitor(model, opt, loss_fn, every=1)
     assert mon.step(batch).status == "ok" and len(est.calls) == 1
+
+
+def test_an_estimate_in_eval_mode_says_so():
+    """A loop that validates (model.eval()) and then calls the monitor: J is the eval-mode
+    step (running statistics, no dropout), not the training step; the record said nothing
+    (review case). Train mode adds no note."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2),
+                          nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    mon = KappaMonitor(model, opt, F.cross_entropy, every=1, k=2)
+    rec = mon.step((x, y), force=True)
+    assert rec.status != "error" and "eval mode" not in rec.message
+    model.eval()
+    rec = mon.step((x, y), force=True)
+    assert rec.status != "error" and "eval mode" in rec.message and "BatchNorm1d" in rec.message
+    assert not model.training  # left as it was
