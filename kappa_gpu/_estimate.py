@@ -420,6 +420,10 @@ def estimate(
         if floor:
             msgs.append(floor)
             out["precision_limited"] = True
+    if not np.all(converged) and op.kind in ("adam", "adamw"):
+        tiny = _adam_tiny_v_note(op)
+        if tiny:
+            msgs.append(tiny)
     if not np.all(converged):
         if out.get("precision_limited"):
             fix = "not a matter of ncv or maxiter (the cause is named above)"
@@ -528,6 +532,38 @@ def _adam_full_floor(op, z: np.ndarray, tol: float) -> str | None:
         + (f"Loosen tol to about {10 * eps * qmax / zmin:.0e}, or use variant='frozen'"
            if reachable else
            "Use variant='frozen', or set requires_grad=False on such parameters")
+    )
+
+
+def _adam_tiny_v_note(op) -> str | None:
+    """Where exp_avg_sq is ~0 (a gradient that is zero up to rounding: a bias before a
+    BatchNorm, an attention key bias), Adam's preconditioner D = lr / (bc1 (sqrt(v') + eps))
+    reaches lr / eps, orders of magnitude above the rest, and multiplies the rounding of the
+    Hessian products there: in float32 the true residuals can stay above tol. Names the
+    parameter when its largest D is over 1e3 times the median (on a strided sample)."""
+    D = op._coefs.get("D")
+    if not isinstance(D, torch.Tensor) or D.numel() < 2:
+        return None
+    Dabs = D.abs()
+    i = int(torch.argmax(Dabs))
+    dmax = float(Dabs[i])
+    sample = Dabs[:: max(1, Dabs.numel() // 4096)]
+    sample = sample[sample > 0]
+    if sample.numel() == 0:
+        return None
+    med = float(torch.median(sample.double()))
+    if not dmax > 1e3 * med:
+        return None
+    engine = op._engine
+    offsets = np.cumsum([0, *engine.numels])
+    name = engine.names[int(np.searchsorted(offsets, i, side="right")) - 1]
+    return (
+        f"Adam's preconditioner reaches D = {dmax:.1e} in {name} ({dmax / med:.0e} times its "
+        "median): exp_avg_sq is about 0 there (a gradient that is zero up to rounding, e.g. a "
+        "bias before a BatchNorm or an attention key bias), and D multiplies the rounding of "
+        "the Hessian products on those entries, which can keep the certificates above tol in "
+        f"{str(op.dtype).replace('torch.', '')}; estimate with dtype=torch.float64, or set "
+        "requires_grad=False on such parameters (their step is rounding noise)"
     )
 
 

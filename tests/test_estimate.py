@@ -1204,3 +1204,39 @@ def test_adamw_with_decay_on_the_weights_only_targets_the_sharp_modes():
     assert bool(np.all(np.abs(r.eigenvalues.imag) > 0.1))  # the sharp pairs, not the bulk
     idx = [int(np.argmin(np.abs(w - z))) for z in r.eigenvalues]
     assert r.kappa_V == pytest.approx(kg.kappa_V(V[:, idx]), rel=1e-6)
+
+
+def test_a_float32_adam_miss_from_a_bias_before_batchnorm_names_the_parameter():
+    """A Linear bias before a BatchNorm has a gradient that is zero up to rounding: Adam's
+    exp_avg_sq ~ 0 there and D = lr / (bc1 (sqrt(v) + eps)) is ~1e6 times the median, which
+    multiplies the float32 products' rounding: unconverged, kappa_V 1.92 where float64 and the
+    frozen bias give 1.61, and the message blamed non-deterministic products (review case).
+    The message now names the parameter and the two ways out, both checked here."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    def run(freeze=False, dtype=torch.float32):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(),
+                                  nn.Linear(16, 3)).to(dtype)
+            g = torch.Generator().manual_seed(0)
+            X = torch.randn(64, 6, generator=g).to(dtype)
+            Y = torch.randint(0, 3, (64,), generator=g)
+        if freeze:
+            model[0].bias.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                weight_decay=0.1)
+        for s in range(8):
+            opt.zero_grad()
+            F.cross_entropy(model(X[s * 8:(s + 1) * 8]), Y[s * 8:(s + 1) * 8]).backward()
+            opt.step()
+        return estimate(model, opt, F.cross_entropy, (X[:8], Y[:8]), k=2)
+
+    r32 = run()
+    assert not r32.all_converged and "preconditioner reaches" in r32.message
+    assert "in 0.bias" in r32.message
+    r64, rfrozen = run(dtype=torch.float64), run(freeze=True)
+    assert r64.all_converged and rfrozen.all_converged
+    assert "preconditioner reaches" not in r64.message
+    assert r64.kappa_V == pytest.approx(rfrozen.kappa_V, rel=1e-3)
