@@ -212,6 +212,41 @@ class Communicator:
         )
 
 
+def _field_hash(value: Any) -> float:
+    """A 48-bit hash of ``repr(value)`` as an exact float64 (the same on every rank)."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(value).encode(), digest_size=6).digest()
+    return float(int.from_bytes(digest, "big"))
+
+
+def agree_arguments(
+    communicator: Communicator, fields: dict[str, Any], where: str,
+    error: BaseException | None = None,
+) -> None:
+    """Before the first variable-sized collective of a call: raise on every rank if one rank's
+    argument check failed (``error``) or the ranks passed different ``fields``.
+
+    Collective, one fixed-length all-gather (the number of fields is fixed by the calling code,
+    the same on every rank). Without it, ranks with different arguments ran different
+    collectives: a gloo abort, a hang until the process group's timeout, or another check's
+    wrong diagnosis (review cases: modes, dtype, variant, params, k).
+    """
+    names = list(fields)
+    table = communicator.exchange(error, f"checking the arguments of {where}",
+                                  [_field_hash(fields[n]) for n in names])
+    differ = [n for j, n in enumerate(names) if not bool((table[:, j] == table[0, j]).all())]
+    if differ:
+        from kappa_gpu.operators._validate import DistributedError
+
+        mine = ", ".join(f"{n}={fields[n]!r}" for n in differ)
+        raise DistributedError(
+            f"the ranks called {where} with different {', '.join(differ)} (this rank, "
+            f"{communicator.global_rank(communicator.rank)}: {mine}); every rank must pass the "
+            "same arguments for the ranks to run the same collectives"
+        )
+
+
 def checksum(ts: Sequence[torch.Tensor] | torch.Tensor) -> list[float]:
     """Two float64 checksums (sum, 2-norm) of a tensor or of several, for cross-rank checks.
 
@@ -389,6 +424,21 @@ def communicator_of(op: Any) -> Communicator | None:
 
 
 # -- for KappaMonitor ------------------------------------------------------------------------
+def call_communicator(model: torch.nn.Module, process_group: Any = None) -> Communicator | None:
+    """The communicator a call with ``model`` and ``process_group`` averages over, or None
+    (resolution errors are left to the call itself, which raises them on every rank alike)."""
+    if not _dist_ready():
+        return None
+    try:
+        _, group = resolve_model(model, process_group)
+    except Exception:  # noqa: BLE001
+        return None
+    if group is None:
+        return None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return Communicator(group, device)
+
+
 def model_communicator(model: torch.nn.Module) -> Communicator | None:
     """The communicator ``estimate`` would use for ``model`` by default, or None.
 

@@ -41,7 +41,12 @@ import scipy.linalg
 import torch
 
 from kappa_gpu._autocast import without_autocast
-from kappa_gpu._distributed import broadcast_generator, communicator_of
+from kappa_gpu._distributed import (
+    agree_arguments,
+    broadcast_generator,
+    call_communicator,
+    communicator_of,
+)
 from kappa_gpu._linop import aslinearoperator
 from kappa_gpu._report import KappaReport
 from kappa_gpu.diagnostics import _blocks
@@ -205,17 +210,31 @@ def estimate(
         ``docs/estimate_cost.md``.
     """
     t0 = time.perf_counter()
-    tol = check_arguments(method, modes, tol)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = int(k)
-    if ncv is not None and (isinstance(ncv, bool) or not isinstance(ncv, numbers.Integral)
-                            or ncv <= k):
-        raise ValueError(
-            f"ncv={ncv!r} is too small for k={k}: the structured path needs ncv > k, the "
-            f"arnoldi path, which computes 2 k eigenvalues of J, ncv > 2 k + 1; default: "
-            f"max(3 k, 20)"
-        )
+    comm = call_communicator(model, process_group)
+    local_error: BaseException | None = None
+    try:
+        tol = check_arguments(method, modes, tol)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = int(k)
+        if ncv is not None and (isinstance(ncv, bool) or not isinstance(ncv, numbers.Integral)
+                                or ncv <= k):
+            raise ValueError(
+                f"ncv={ncv!r} is too small for k={k}: the structured path needs ncv > k, the "
+                f"arnoldi path, which computes 2 k eigenvalues of J, ncv > 2 k + 1; default: "
+                f"max(3 k, 20)"
+            )
+    except Exception as err:
+        if comm is None:
+            raise
+        local_error = err
+    if comm is not None:  # one fixed-size agreement before any other collective
+        agree_arguments(comm, dict(
+            k=k, method=method, modes=modes, tol=tol, ncv=ncv, maxiter=maxiter,
+            variant=variant, dtype=dtype, backend=backend, hvp=hvp,
+            clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
+            horizon=horizon, warm_start=warm_start is not None,
+        ), "estimate", local_error)
 
     op = update_operator(model, optimizer, loss_fn, batch, variant=variant, seed=seed, dtype=dtype,
                          process_group=process_group, backend=backend, hvp=hvp,

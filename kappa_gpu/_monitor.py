@@ -422,8 +422,8 @@ def _distributed_rank() -> int:
 def _as_float(x: Any) -> float:
     if x is None:
         return float("nan")
-    if isinstance(x, torch.Tensor):
-        return float(x.detach().float().mean().item())
+    if isinstance(x, torch.Tensor):  # float64: a float64 model's loss keeps its digits
+        return float(x.detach().double().mean().item())
     return float(x)
 
 
@@ -872,9 +872,9 @@ class KappaMonitor:
         warm = self.last_report if self.warm_start else None
         maxiter: int | None = None
         t0 = time.perf_counter()
+        loss_value = float("nan")  # under DDP: the ranks' mean once agreed (failure records too)
         try:
             device = self._device()
-            loss_value = float("nan")
             failed: Exception | None = None
             try:
                 if callable(batch) and not isinstance(batch, (tuple, list, torch.Tensor)):
@@ -904,7 +904,10 @@ class KappaMonitor:
             if self._comm is not None:
                 # DDP: all ranks enter the collective estimate or none does; one maxiter for all
                 loss_value, maxiter = agree_before_estimate(self._comm, failed, loss_value, maxiter)
-            if not math.isfinite(loss_value) and loss is None:
+            # Under DDP every rank decides alike (the mean loss; a NaN one fails in the
+            # estimate's gradient check, on every rank together): a local loss=None must not
+            # send one rank out of the collective estimate.
+            if not math.isfinite(loss_value) and loss is None and self._comm is None:
                 from kappa_gpu.operators._validate import NonFiniteError
 
                 raise NonFiniteError(
@@ -935,7 +938,8 @@ class KappaMonitor:
         except Exception as exc:
             if self.strict:
                 raise
-            record = self._record_failure(step, exc, loss, time.perf_counter() - t0, maxiter)
+            record = self._record_failure(step, exc, loss, time.perf_counter() - t0, maxiter,
+                                          loss_value)
             oom = isinstance(exc, torch.cuda.OutOfMemoryError)
             del exc  # drop the traceback's frames (and their tensors) before freeing the cache
             if oom and torch.cuda.is_available():
@@ -1000,17 +1004,21 @@ class KappaMonitor:
         return record
 
     def _record_failure(
-        self, step: int, exc: BaseException, loss: Any, seconds: float, maxiter: int | None
+        self, step: int, exc: BaseException, loss: Any, seconds: float, maxiter: int | None,
+        loss_value: float = math.nan,
     ) -> MonitorRecord:
+        """``loss_value``: the loss already known (under DDP the ranks' mean, so that every
+        rank records the same), else ``loss`` as given."""
         name = type(exc).__name__
         reason = f"{name}: {exc}"
         self._count_failure(step, name, reason)
         # Start the next estimate cold: the warm vectors may be what failed.
         self.last_report = None
-        try:
-            loss_value = _as_float(loss)
-        except Exception:  # noqa: BLE001 - the loss itself may be what is broken
-            loss_value = math.nan
+        if math.isnan(loss_value):
+            try:
+                loss_value = _as_float(loss)
+            except Exception:  # noqa: BLE001 - the loss itself may be what is broken
+                loss_value = math.nan
         return MonitorRecord(
             step=step,
             time=time.time(),

@@ -213,6 +213,15 @@ def _more_checks(rank, ddp, opt, batch, kwargs, n, out) -> None:
     gen = torch.Generator().manual_seed(rank)
     warm = torch.randn(n, 2, generator=gen, dtype=torch.float64)
     out["err_warm"] = _error_name(lambda: kg.estimate(ddp, opt, mse, batch, k=2, warm_start=warm))
+    # different arguments, or an argument error on one rank: one fixed-size agreement first
+    # (review cases: a hang until the group's timeout, a gloo abort, or a wrong diagnosis)
+    modes = "sharp" if rank == 0 else "both"
+    out["err_modes"] = _error_name(lambda: kg.estimate(ddp, opt, mse, batch, k=2, modes=modes))
+    dt = None if rank == 0 else torch.float32
+    out["err_dtype"] = _error_name(lambda: kg.estimate(ddp, opt, mse, batch, k=2, dtype=dt))
+    out["err_k"] = _error_name(lambda: kg.estimate(ddp, opt, mse, batch, k=2 if rank else 0))
+    params = list(ddp.module.parameters())[: None if rank == 0 else 2]
+    out["err_params"] = _error_name(lambda: kg.hessian_operator(ddp, mse, batch, params=params))
 
     # a subgroup of one rank: no communication, that rank's batch alone
     sub = dist.new_group([0])
@@ -359,6 +368,9 @@ def test_subgroup_of_one_rank(ranks):
         ("err_nan", "NonFiniteError", ["not finite on ranks [1]"]),
         ("err_batch", "BatchError", ["cannot take the batch"]),
         ("err_warm", "DistributedError", ["differ between ranks"]),
+        ("err_modes", "DistributedError", ["with different modes"]),
+        ("err_dtype", "DistributedError", ["with different dtype"]),
+        ("err_params", "DistributedError", ["hessian_operator with different numels"]),
     ],
 )
 def test_every_rank_raises_together(ranks, key, error, words):
@@ -370,6 +382,11 @@ def test_every_rank_raises_together(ranks, key, error, words):
     # the rank that did not fail names the one that did
     if key == "err_batch":
         assert "rank 1 failed" in ranks[0][key]
+
+
+def test_an_argument_error_on_one_rank_raises_on_every_rank(ranks):
+    assert ranks[0]["err_k"].startswith("ValueError: k must be a positive integer")
+    assert "rank 0 failed checking the arguments of estimate" in ranks[1]["err_k"]
 
 
 def test_fsdp2_raises_a_clear_error(ranks):

@@ -95,7 +95,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from kappa_gpu._autocast import autocast_off, without_autocast
-from kappa_gpu._distributed import Communicator, checksum, resolve_model
+from kappa_gpu._distributed import Communicator, agree_arguments, checksum, resolve_model
 from kappa_gpu._linop import LinearOperator
 from kappa_gpu.operators._validate import (
     BatchError,
@@ -413,6 +413,9 @@ class _HVPEngine:
         #: (:meth:`split_padding`): ``(param index, row)``; the products then take ``part=``
         self.split: list[tuple[int, int]] = []
         self._split_hits: list[int] = []
+        #: what the ranks must agree on besides the parameters (set by the operator's builder)
+        self.agree_fields: dict[str, Any] = {}
+        self.agree_where = "hessian_operator"
         #: rows of F.embedding(..., padding_idx=p) calls made outside nn.Embedding modules on a
         #: differentiated weight (set by gradient()): split too, or approximate (a note)
         self.direct_padding: list[tuple[int, int]] = []
@@ -661,6 +664,11 @@ class _HVPEngine:
         """
         err: Exception | None = None
         local = None
+        if self.comm is not None:  # before the variable-sized exchanges below
+            agree_arguments(self.comm, dict(
+                numels=tuple(self.numels), dtype=self.dtype, hvp=self.hvp_choice,
+                **self.agree_fields,
+            ), self.agree_where)
         try:
             local = self._local_gradient()
         except Exception as exc:

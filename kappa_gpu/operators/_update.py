@@ -998,6 +998,8 @@ def update_operator(
         hvp=hvp,
     )
     _check_finite_state(optimizer, params, engine.names, kind)
+    engine.agree_fields = dict(kind=kind, variant=variant, clip=clip_spec, backend=backend)
+    engine.agree_where = "update_operator"
     g = engine.gradient()
     mask, padding, shared = _padding_mask(engine, g)
     tied: list[str] = []  # shared rows left approximate (no split here)
