@@ -123,19 +123,23 @@ def main(argv: list[str] | None = None) -> int:
         "of a PyTorch optimizer's update, measured while a model trains.",
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="train a small model and estimate kappa(V) as it trains")
-    d.add_argument("--steps", type=int, default=300)
-    d.add_argument("--every", type=int, default=25)
-    d.add_argument("-k", type=int, default=4)
-    d.add_argument("--lr", type=float, default=0.35)
-    d.add_argument("--momentum", type=float, default=0.9)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="kappa_demo.json", help="JSON output file")
-    from kappa_gpu.experiments.reproduce import add_reproduce_parser
+    from kappa_gpu.experiments.reproduce import add_reproduce_parser, positive_int
 
+    d = sub.add_parser("demo", help="train a small model and estimate kappa(V) as it trains",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--steps", type=positive_int, default=300, help="training steps")
+    d.add_argument("--every", type=positive_int, default=25, help="steps between estimates")
+    d.add_argument("-k", type=positive_int, default=4, help="sharp modes per estimate")
+    d.add_argument("--lr", type=float, default=0.35, help="SGD learning rate")
+    d.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (heavy ball)")
+    d.add_argument("--seed", type=int, default=0, help="seed of data, model and estimates")
+    d.add_argument("--out", default="kappa_demo.json", help="JSON output file")
     add_reproduce_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "demo":
+        out = Path(args.out)
+        if out.is_dir() or not out.resolve().parent.is_dir():
+            d.error(f"--out {args.out}: not a file in an existing directory")
         run_demo(args.steps, args.every, args.k, args.lr, args.momentum, args.seed, args.out)
         return 0
     return int(args.run(args) or 0)

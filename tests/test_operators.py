@@ -1068,3 +1068,18 @@ def test_a_non_finite_optimizer_state_is_an_error_not_a_report(kind, key):
     opt.state[p][key].view(-1)[0] = float("nan" if key != "momentum_buffer" else "inf")
     with pytest.raises(NonFiniteError, match=f"{key} of parameter '0.weight' is not finite"):
         update_operator(model, opt, loss_fn, batch)
+
+
+def test_forward_mode_asked_for_but_unavailable_is_said():
+    """hvp='forward' with nn.MSELoss (no forward-mode rule for its mean in torch 2.13) fell
+    back to reverse mode with a DEBUG log only (review case): now a warning and a note; the
+    products are still the Hessian's."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    H = hessian_operator(model, nn.MSELoss(), (x, y), hvp="forward")
+    with pytest.warns(UserWarning, match="hvp='forward' was asked for"):
+        A = H.to_dense()
+    assert H.hvp_mode == "reverse-over-reverse"
+    params = list(model.parameters())
+    assert rel_err(A, dense_hessian(model, nn.MSELoss(), (x, y), params)) <= 1e-10

@@ -641,11 +641,17 @@ def reproduce(
                 "groups": summarize(runs),
             })  # fmt: skip
             if figures:
-                from kappa_gpu.experiments import _plots
-
                 tf = time.perf_counter()
-                summary["figures"] = _plots.make_figures(
-                    out, runs, summary, optimizers, executor=ex, grid=32 if quick else 48)
+                try:  # the summary below is written whatever happens to the figures
+                    from kappa_gpu.experiments import _plots
+
+                    summary["figures"] = _plots.make_figures(
+                        out, runs, summary, optimizers, executor=ex, grid=32 if quick else 48)
+                except ImportError as err:
+                    summary["figures_error"] = (
+                        f"{err}: figures skipped (pip install 'kappa-gpu[plot]' for "
+                        "matplotlib, then rerun with --reanalyze to draw them)")
+                    print(f"kappa-gpu reproduce: {summary['figures_error']}", file=sys.stderr)
                 summary["seconds_figures"] = time.perf_counter() - tf
     finally:
         for v, val in saved.items():
@@ -824,19 +830,32 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else, exit code 2)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default="sgd-momentum",
                    help="sgd-momentum, adam, or both (comma-separated or 'both'); "
                         "default sgd-momentum")
-    p.add_argument("--seeds", type=int, default=None,
+    p.add_argument("--seeds", type=positive_int, default=None,
                    help="seeds per configuration (default 2; 1 with --quick)")
     p.add_argument("--out", default="kappa_reproduce", help="output directory")
     p.add_argument("--quick", action="store_true", help="tiny grid for CI (< 1 minute)")
-    p.add_argument("--every", type=int, default=None,
+    p.add_argument("--every", type=positive_int, default=None,
                    help="steps between estimates (default 20)")
-    p.add_argument("-k", type=int, default=8, help="sharp Ritz modes per estimate")
-    p.add_argument("--steps", type=int, default=None, help="override the steps of every run")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
+    p.add_argument("-k", type=positive_int, default=8, help="sharp Ritz modes per estimate")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="override the steps of every run")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="worker processes (default 2)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense-spectrum view")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")

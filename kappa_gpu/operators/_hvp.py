@@ -914,6 +914,15 @@ class _HVPEngine:
                 except Exception as err2:
                     raise _no_hvp_error(mode, self.fallback_reason, other, err2) from err2
                 self.mode = other
+                if self.hvp_choice == "forward":  # the user asked for forward mode: say so
+                    note = (
+                        f"hvp='forward' was asked for, but forward mode failed here "
+                        f"({self.fallback_reason}; e.g. F.mse_loss's mean has no forward-mode "
+                        "rule in torch 2.13): the products use reverse-over-reverse instead, "
+                        "rebuilding the gradient's graph for each product (nothing is kept)"
+                    )
+                    self.notes.append(note)
+                    warnings.warn(note, UserWarning, stacklevel=4)
             else:
                 self.mode = mode
         if self.mode == FORWARD_OVER_REVERSE and not self._zero_checked:
