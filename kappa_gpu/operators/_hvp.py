@@ -401,8 +401,7 @@ class _HVPEngine:
                     "there is approximate (3.7e-2 off real steps on a small tagger); "
                     "padding_idx=None, or an unparametrized weight, gives the exact J"
                 )
-                self.notes.append(note)
-                warnings.warn(note, UserWarning, stacklevel=4)
+                self._say(note, stacklevel=5)
             if mod.padding_idx is None or id(mod.weight) not in index_of:
                 continue
             row = int(mod.padding_idx) % mod.num_embeddings  # an attribute set to -1 too
@@ -513,6 +512,11 @@ class _HVPEngine:
         leaves, grads = graph
         return self.flatten([torch.zeros_like(p) if g is None else g.detach()
                              for g, p in zip(grads[:P], leaves[:P], strict=True)])
+
+    def _say(self, note: str, stacklevel: int = 3) -> None:
+        """A report note (``notes``, put into estimate's message), also warned."""
+        self.notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=stacklevel)
 
     @contextlib.contextmanager
     def _padding_lookups(self) -> Iterator[list[bool]]:
@@ -737,8 +741,7 @@ class _HVPEngine:
                     "group), so the products there are approximate; use nn.Embedding("
                     "padding_idx=...) or hvp='auto' on one process"
                 )
-                self.notes.append(note)
-                warnings.warn(note, UserWarning, stacklevel=3)
+                self._say(note, stacklevel=4)
         return flat
 
     def _local_gradient(
@@ -921,8 +924,7 @@ class _HVPEngine:
                         "rule in torch 2.13): the products use reverse-over-reverse instead, "
                         "rebuilding the gradient's graph for each product (nothing is kept)"
                     )
-                    self.notes.append(note)
-                    warnings.warn(note, UserWarning, stacklevel=4)
+                    self._say(note, stacklevel=5)
             else:
                 self.mode = mode
         if self.mode == FORWARD_OVER_REVERSE and not self._zero_checked:
@@ -962,8 +964,7 @@ class _HVPEngine:
             "mask, but Adam's preconditioner saw another. For one consistent mask use "
             "hvp='auto' (reverse mode, the default) or put the dropout modules in eval mode"
         )
-        self.notes.append(note)
-        warnings.warn(note, UserWarning, stacklevel=4)
+        self._say(note, stacklevel=5)
 
     def _check_forward(self, V: torch.Tensor, out: torch.Tensor) -> None:
         """Forward mode reads through a backward computed outside autograd (a custom Function
