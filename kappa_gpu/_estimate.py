@@ -291,9 +291,9 @@ def estimate(
             why = "the full Adam variant has no 2x2 block structure"
         elif frozen_lr:
             why = (
-                "a parameter group with lr = 0 that the loss reaches: its momentum buffers (or "
-                "Adam's exp_avg) follow the curvature while its parameters stay, which the 2x2 "
-                "blocks do not represent (their eigenvectors would miss those buffer entries)"
+                "a parameter group with lr = 0 that the loss reaches: its parameters stay while "
+                "they feed the other groups' update (and its momentum buffers or Adam's "
+                "exp_avg follow the curvature), which the blocks' eigenvectors do not represent"
             )
         else:
             why = "block coefficients differ between parameter groups"
@@ -305,14 +305,22 @@ def estimate(
     point = _fingerprint(op, optimizer)
     # Ritz vectors of this very operator (e.g. a structured report refined by arnoldi): their
     # subspace is invariant, and a block start refines it in a few block steps.
-    warm_here = isinstance(warm_start, KappaReport) and warm_start.point == point
+    # ... for the same modes and k only: a report's vectors for other modes (modes='both' then
+    # 'sharp', k=2 then 3) are invariant too, and a test from the first step returned the best
+    # of them, flagged converged (a negative mode as the third sharp one; review case)
+    warm_here = (isinstance(warm_start, KappaReport) and warm_start.point == point
+                 and warm_start.request == (modes, k))
     sides = ["sharp", "negative"] if modes == "both" else [modes]
-    if modes == "both" and 2 * k > op.n_params:
+    n_modes = op.n_params  # curvature modes: one per parameter entry the step takes
+    if frozen_structure is not None and frozen_structure.active is not None:
+        n_modes = int(frozen_structure.active.sum())
+    if modes == "both" and 2 * k > n_modes:
         raise ValueError(
             f"modes='both' with k={k} asks for {2 * k} curvature modes, but the model has only "
-            f"n = {op.n_params} (the sharp and the negative modes would be the same ones): use "
-            f"k <= {op.n_params // 2}, or one side (modes='sharp' or 'negative'); for a model "
-            "this small the dense eigendecomposition of update_operator(...).to_dense() is exact"
+            f"n = {n_modes} (parameter entries the step takes; the sharp and the negative modes "
+            f"would be the same ones): use k <= {n_modes // 2}, or one side (modes='sharp' or "
+            "'negative'); for a model this small the dense eigendecomposition of "
+            "update_operator(...).to_dense() is exact"
         )
     n_hvp0 = op.n_hvp
 
@@ -357,11 +365,11 @@ def estimate(
                 f"group's bulk modes (z near its {'momentum' if op.kind == 'sgd' else 'beta1'}). "
                 "For curvature-targeted modes make those the same in every group"
             )]
-        elif frozen_lr and method == "auto":
+        if frozen_lr and method == "auto":
             out["messages"] = [*out.get("messages", []), (
-                "a parameter group with lr = 0 is reached by the loss (its momentum buffers "
-                "follow the curvature while its parameters stay): the 2x2 blocks miss those "
-                "buffer entries, so the arnoldi path was taken"
+                "a parameter group with lr = 0 is reached by the loss (its parameters stay while "
+                "they feed the other groups' update): the blocks' eigenvectors miss those "
+                "entries, so the arnoldi path was taken"
             )]
 
     z = out["z"]
@@ -494,6 +502,7 @@ def estimate(
         hessenberg=out.get("hessenberg"),
         warm_vectors=out["warm"],
         point=point,
+        request=(modes, k),
     )
 
 
@@ -931,14 +940,16 @@ _COEFFICIENT_SOURCES = {
 
 
 def _frozen_lr_buffers(st) -> bool:
-    """Whether a reached entry has lr = 0 (D = 0) while its buffer is fed by the curvature
-    (``a2 != 0``): the buffer's rows of J then read theta elsewhere (``b' = mu b + a2 (Ht
-    theta)_i``) while ``u = D^1/2 w`` is 0 there, so the block eigenvectors
-    ``p0 (u, 0) + p1 (0, D^-1 u)`` miss those entries (kappa_V 1.26 where J's is 1.83; review
-    case): the arnoldi path takes it."""
-    if st is None or st.order != 2:
+    """Whether a reached entry has lr = 0 (D = 0) where the blocks miss J's eigenvectors:
+    with momentum, its buffer is fed by the curvature (``a2 != 0``) and reads theta elsewhere
+    (``b' = mu b + a2 (Ht theta)_i``) while ``u = D^1/2 w`` is 0 there, so the right vectors
+    ``p0 (u, 0) + p1 (0, D^-1 u)`` miss those entries (kappa_V 1.26 where J's is 1.83); without
+    momentum (``J = I - D Ht``) the right vectors are exact but the left ones ``D^-1 u`` are 0
+    there while J's are not (those parameters feed the other groups' update; condition numbers
+    1 where J's are up to 1.9). Review cases: the arnoldi path takes both."""
+    if st is None or st.order not in (1, 2):
         return False
-    reached = (st.D == 0) & (st.a2 != 0)
+    reached = (st.D == 0) if st.order == 1 else (st.D == 0) & (st.a2 != 0)
     if st.active is not None:
         reached &= st.active.to(reached.device)
     return bool(reached.any())

@@ -122,6 +122,9 @@ class KappaReport:
     #: later estimate at the same point refines ``warm_vectors`` instead of searching; not
     #: serialized.
     point: tuple | None = field(default=None, repr=False)
+    #: ``(modes, k)`` of the call that made the report: ``warm_vectors`` span those modes only,
+    #: so a later call at the same point trusts them only for the same request; not serialized.
+    request: tuple | None = field(default=None, repr=False)
 
     @property
     def all_converged(self) -> bool:
@@ -136,7 +139,7 @@ class KappaReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (complex as [re, im], non-finite floats as strings)."""
-        skip = {"hessenberg", "warm_vectors", "point"}
+        skip = {"hessenberg", "warm_vectors", "point", "request"}
         out = {k: _jsonable(v) for k, v in self.__dict__.items() if k not in skip}
         out["all_converged"] = self.all_converged
         out["nearest_ep_ratio"] = _jsonable(self.nearest_ep_ratio)

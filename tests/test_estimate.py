@@ -1240,3 +1240,66 @@ def test_a_float32_adam_miss_from_a_bias_before_batchnorm_names_the_parameter():
     assert r64.all_converged and rfrozen.all_converged
     assert "preconditioner reaches" not in r64.message
     assert r64.kappa_V == pytest.approx(rfrozen.kappa_V, rel=1e-3)
+
+
+def test_a_report_for_other_modes_or_k_at_the_same_point_is_not_trusted():
+    """warm_here compared the point only: the vectors of a modes='both', k=2 report span an
+    invariant subspace, so a later k=3 'negative' run trusted them, stopped at its first test
+    and returned the sharpest mode as a negative one, kappa_V 4.35 where J's is 1.78 (review
+    case). Now only the same (modes, k) is trusted; the result equals a cold run's."""
+    from _cases import sgd_case
+
+    case = sgd_case()
+    r1 = estimate(*case, k=2, modes="both", method="structured", tol=1e-9)
+    warm = estimate(*case, k=3, modes="negative", method="arnoldi", warm_start=r1, tol=1e-9)
+    cold = estimate(*case, k=3, modes="negative", method="arnoldi", tol=1e-9)
+    assert np.allclose(np.sort_complex(warm.eigenvalues), np.sort_complex(cold.eigenvalues),
+                       atol=1e-8)
+    assert warm.kappa_V == pytest.approx(cold.kappa_V, rel=1e-6)
+    assert bool(np.all(warm.curvatures < 0.05))  # no sharp mode among the negative ones
+    # the same request at the same point is still trusted: a cheap refinement
+    again = estimate(*case, k=3, modes="negative", method="arnoldi", warm_start=cold, tol=1e-9)
+    assert again.n_hvp < cold.n_hvp
+
+
+def test_plain_sgd_with_an_lr_zero_group_takes_arnoldi_for_its_left_vectors():
+    """Momentum 0 and one group at lr = 0: the structured right vectors are exact, but its
+    left vectors D^-1 u are 0 on that group while J's are not (those parameters feed the
+    other group's update): condition numbers 1 where J's are up to 1.9 (review case)."""
+    import scipy.linalg
+    from _cases import sgd_case
+
+    case = sgd_case(momentum=0.0, two_groups=True, group2={"lr": 0.0})
+    r = estimate(*case, k=3, tol=1e-10)
+    assert r.method == "arnoldi" and bool(np.all(r.converged))
+    w, vl, vr = scipy.linalg.eig(update_operator(*case).to_dense().numpy(), left=True)
+    for z, c in zip(r.eigenvalues, r.condition_numbers, strict=True):
+        i = int(np.argmin(np.abs(w - z)))
+        x, y = vr[:, i] / np.linalg.norm(vr[:, i]), vl[:, i] / np.linalg.norm(vl[:, i])
+        assert c == pytest.approx(1.0 / abs(np.vdot(y, x)), rel=1e-5)
+
+
+def test_modes_both_counts_the_entries_the_step_takes():
+    """An unused Linear: 45 parameters, 38 taken; k = 20 with modes='both' returned 80
+    eigenvalues of which 76 distinct and kappa_V = inf, flagged converged (review case)."""
+    import torch.nn as nn
+    from _cases import make_batch, mse, take_steps
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+            self.unused = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = M().double()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    batch = make_batch()
+    take_steps(m, opt, mse, batch, 3)
+    n_taken = sum(p.numel() for p in m.body.parameters())
+    with pytest.raises(ValueError, match=f"only n = {n_taken}"):
+        estimate(m, opt, mse, batch, k=n_taken // 2 + 1, modes="both")
