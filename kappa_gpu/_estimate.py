@@ -273,6 +273,7 @@ def estimate(
                     clip_grad_value=clip_grad_value,
                     hvp="forward",  # a few products for the start: keep no graph
                 )
+            frozen_op._engine.quiet_fallback = True
             helper_ops.append((frozen_op, frozen_op.n_hvp))
         frozen_structure = (similar if frozen_op is op and similar is not None
                             else frozen_op.structure() or frozen_op.similar_structure())

@@ -1303,3 +1303,24 @@ def test_modes_both_counts_the_entries_the_step_takes():
     n_taken = sum(p.numel() for p in m.body.parameters())
     with pytest.raises(ValueError, match=f"only n = {n_taken}"):
         estimate(m, opt, mse, batch, k=n_taken // 2 + 1, modes="both")
+
+
+def test_adam_full_with_a_loss_without_forward_mode_is_not_warned_about_forward_mode():
+    """estimate's frozen start helper asks for forward-mode products; nn.MSELoss has no
+    forward-mode rule, so it falls back to reverse mode -- which warned the user about an
+    hvp='forward' they never asked for (review case)."""
+    import warnings
+
+    import torch.nn as nn
+    from _cases import take_steps
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+        x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    take_steps(m, opt, nn.MSELoss(), (x, y), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = estimate(m, opt, nn.MSELoss(), (x, y), k=2, variant="full", tol=1e-8)
+    assert r.all_converged

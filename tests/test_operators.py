@@ -1083,3 +1083,17 @@ def test_forward_mode_asked_for_but_unavailable_is_said():
     assert H.hvp_mode == "reverse-over-reverse"
     params = list(model.parameters())
     assert rel_err(A, dense_hessian(model, nn.MSELoss(), (x, y), params)) <= 1e-10
+
+
+def test_a_nan_stale_buffer_of_a_momentum_free_group_is_not_read():
+    """The step never reads a momentum-free group's stale buffer: a NaN there is no reason to
+    refuse (it was 'has training diverged?'; review case). J is the identity on it."""
+    model, opt, loss_fn, batch = sgd_case(two_groups=True)
+    opt.param_groups[1]["momentum"] = 0.0
+    p = opt.param_groups[1]["params"][0]
+    opt.state[p]["momentum_buffer"].fill_(float("nan"))
+    A = update_operator(model, opt, loss_fn, batch).to_dense()
+    # J does not read the buffer's values: the same state with 0 there is the FD oracle (FD
+    # steps scale with the state's norm, NaN with a NaN entry)
+    opt.state[p]["momentum_buffer"].zero_()
+    assert rel_err(A, fd_jacobian(model, opt, loss_fn, batch)) <= 1e-6

@@ -277,3 +277,13 @@ def test_a_which_callable_without_finite_keys_is_an_error():
     r = eigs(A, k=2, which=real_but_nan_left, tol=1e-10)
     ref = np.sort(np.linalg.eigvals(A.numpy()).real)[::-1][:2]
     assert np.allclose(np.sort(r.eigenvalues.real.numpy())[::-1][:2], ref, rtol=1e-8)
+
+
+def test_a_tol_at_the_rounding_level_is_named_as_the_cause():
+    """eigs(tol=0) on a float64 matrix: a true residual misses machine epsilon; the status
+    blamed non-deterministic products and float32 rounding (review case)."""
+    A = torch.as_tensor(np.random.default_rng(7).standard_normal((100, 100)))
+    r = eigs(A, k=3, tol=0, generator=torch.Generator().manual_seed(0))
+    if r.residual_misses:
+        assert "at the rounding level of float64" in r.status
+        assert "float32 rounding" not in r.status

@@ -412,6 +412,9 @@ class _HVPEngine:
         #: (:meth:`split_padding`): ``(param index, row)``; the products then take ``part=``
         self.split: list[tuple[int, int]] = []
         self._split_hits: list[int] = []
+        #: True for an operator kappa_gpu builds for itself with hvp="forward" (estimate's
+        #: start helper): a fallback to reverse mode is then not the user's concern
+        self.quiet_fallback = False
         #: what the ranks must agree on besides the parameters (set by the operator's builder)
         self.agree_fields: dict[str, Any] = {}
         self.agree_where = "hessian_operator"
@@ -917,7 +920,7 @@ class _HVPEngine:
                 except Exception as err2:
                     raise _no_hvp_error(mode, self.fallback_reason, other, err2) from err2
                 self.mode = other
-                if self.hvp_choice == "forward":  # the user asked for forward mode: say so
+                if self.hvp_choice == "forward" and not self.quiet_fallback:  # asked for
                     note = (
                         f"hvp='forward' was asked for, but forward mode failed here "
                         f"({self.fallback_reason}; e.g. F.mse_loss's mean has no forward-mode "

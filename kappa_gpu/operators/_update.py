@@ -739,12 +739,15 @@ def _hyper_value(v: Any) -> Any:
 
 
 def _check_finite_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-                        names: Sequence[str], kind: str) -> None:
-    """NonFiniteError for a NaN/inf momentum buffer or Adam moment (the next real step is not
-    finite there; Adam's D and J would be NaN, and an SGD report would say nothing of it).
-    One sum per tensor (a finite sum proves every entry finite)."""
+                        names: Sequence[str], kind: str, groups: Sequence[dict]) -> None:
+    """NonFiniteError for a NaN/inf momentum buffer or Adam moment the step reads (the next
+    real step is not finite there; Adam's D and J would be NaN, and an SGD report would say
+    nothing of it). A momentum-free group's stale buffer is not read: not checked. One sum
+    per tensor (a finite sum proves every entry finite)."""
     keys = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
-    for p, name in zip(params, names, strict=True):
+    for p, name, group in zip(params, names, groups, strict=True):
+        if kind == "sgd" and scalar(group["momentum"]) == 0.0:
+            continue
         st = optimizer.state.get(p, {})
         for key in keys:
             t = st.get(key)
@@ -997,7 +1000,7 @@ def update_operator(
         model, loss_fn, batch, params, seed=seed, dtype=dtype, process_group=process_group,
         hvp=hvp,
     )
-    _check_finite_state(optimizer, params, engine.names, kind)
+    _check_finite_state(optimizer, params, engine.names, kind, groups)
     engine.agree_fields = dict(kind=kind, variant=variant, clip=clip_spec, backend=backend)
     engine.agree_where = "update_operator"
     g = engine.gradient()

@@ -357,6 +357,16 @@ def residual_miss_note(n: int, why: str) -> str:
     )
 
 
+def tol_at_rounding_note(n: int, tol: float, dtype: torch.dtype, size: int) -> str:
+    """:func:`residual_miss_note` when ``tol`` itself is at the products' rounding level."""
+    eps = float(torch.finfo(dtype).eps)
+    return residual_miss_note(
+        n, f"tol={tol:.1e} is at the rounding level of {str(dtype).replace('torch.', '')} "
+        f"products (eps = {eps:.1e}; a true residual carries about sqrt(n) eps ||A||, n = "
+        f"{size}), so it cannot be met; use tol >= {math.sqrt(size) * eps:.0e} or so"
+    )
+
+
 def noisy_note(n: int, cause: str) -> str:
     """:func:`residual_miss_note` for noisy products; ``cause``: what the operator's products
     do."""

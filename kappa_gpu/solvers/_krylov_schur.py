@@ -57,6 +57,7 @@ from kappa_gpu.solvers._common import (
     resolve_tol,
     ritz_vectors,
     start_block,
+    tol_at_rounding_note,
     true_residuals,
 )
 from kappa_gpu.solvers._dense import SchurRitz, reorder_schur, schur_ritz
@@ -415,7 +416,9 @@ def eigs(
     if over.any():
         cond = _condition_in_projection(run.hessenberg, run.theta[over])
         eps_a = float(torch.finfo(A.dtype).eps)
-        if cond >= 0.1 / math.sqrt(eps_a):
+        if tol <= 100 * eps_a:
+            status += tol_at_rounding_note(int(over.sum()), tol, A.dtype, A.shape[0])
+        elif cond >= 0.1 / math.sqrt(eps_a):
             # Not noise: a (nearly) defective eigenvalue, whose computed eigenvectors are
             # parallel to about sqrt(eps) and whose residuals stall near sqrt(eps) |z|.
             status += residual_miss_note(

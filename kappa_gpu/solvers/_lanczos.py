@@ -47,6 +47,7 @@ from kappa_gpu.solvers._common import (
     resolve_tol,
     ritz_vectors,
     start_block,
+    tol_at_rounding_note,
     true_residuals,
 )
 from kappa_gpu.solvers._dense import sym_ritz
@@ -325,7 +326,9 @@ def _trlan(
             "tol: reorth='selective' keeps the basis only semi-orthogonal (about sqrt(eps)), "
             "which limits the Ritz vectors' accuracy; use reorth='full' or a looser tol"
         )
-    if n_noisy:
+    if n_noisy and tol <= 100 * noise:
+        status += tol_at_rounding_note(n_noisy, tol, A.dtype, A.shape[0])
+    elif n_noisy:
         status += noisy_note(n_noisy, "are not symmetric or carry errors of that size")
     return EigResult(
         eigenvalues=torch.as_tensor(z.astype(np.complex128)),
