@@ -448,6 +448,7 @@ def estimate(
         if floor:
             msgs.append(floor)
             out["precision_limited"] = True
+    tiny = None
     if not np.all(converged) and op.kind in ("adam", "adamw"):
         tiny = _adam_tiny_v_note(op)
         if tiny:
@@ -455,6 +456,8 @@ def estimate(
     if not np.all(converged):
         if out.get("precision_limited"):
             fix = "not a matter of ncv or maxiter (the cause is named above)"
+        elif tiny:
+            fix = "most likely the preconditioner named above (float64 or freezing it)"
         elif any(m.startswith("left eigenvectors of") for m in msgs):
             fix = "the left-eigenvector note above names the cause"
         elif np.any(at_ep) or not growth_known:
