@@ -1147,6 +1147,11 @@ def _arnoldi_side(op, st, k, side, tol, warm, generator, ncv, maxiter,
         keys = np.round(s_all, 10)
         uniq, mode_of = np.unique(keys, return_inverse=True)
         s = np.array([np.mean(s_all[mode_of == i]) for i in range(len(uniq))])
+    elif st is not None and st.order == 1 and st.uniform:
+        # plain SGD: z = c - a s, one real eigenvalue per mode
+        a, _, _, _, c = _scalar_coefficients(st)
+        mode_of = np.arange(len(z))
+        s = np.real((c - z) / a) if a != 0 else np.full(len(z), np.nan)
     else:
         mode_of = np.arange(len(z))
         s = np.full(len(z), np.nan)

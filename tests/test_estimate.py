@@ -1324,3 +1324,14 @@ def test_adam_full_with_a_loss_without_forward_mode_is_not_warned_about_forward_
         warnings.simplefilter("error")
         r = estimate(m, opt, nn.MSELoss(), (x, y), k=2, variant="full", tol=1e-8)
     assert r.all_converged
+
+
+def test_plain_sgd_arnoldi_reports_the_curvatures():
+    """z = c - a s for plain SGD: the arnoldi path reported curvatures as NaN (review case);
+    they equal the structured path's."""
+    from _cases import sgd_case
+
+    case = sgd_case(momentum=0.0)
+    ra = estimate(*case, k=3, method="arnoldi", tol=1e-10)
+    rs = estimate(*case, k=3, method="structured", tol=1e-10)
+    assert np.allclose(np.sort(ra.curvatures), np.sort(rs.curvatures), rtol=1e-8)
