@@ -536,6 +536,12 @@ def _fingerprint(op, optimizer) -> tuple:
             float(x.sum()), float((x * x).sum()), hyper, clip)
 
 
+def _param_name_at(engine, i: int) -> str:
+    """The name of the parameter holding entry ``i`` of the flattened vector."""
+    offsets = np.cumsum([0, *engine.numels])
+    return engine.names[int(np.searchsorted(offsets, i, side="right")) - 1]
+
+
 def _adam_full_floor(op, z: np.ndarray, tol: float) -> str | None:
     """The message when Adam's full J is too badly scaled for ``tol``: its coupling ``q`` of
     theta to exp_avg_sq (``~ lr m / (denom^2 sqrt(v))``) is huge where exp_avg_sq is tiny, and
@@ -550,9 +556,7 @@ def _adam_full_floor(op, z: np.ndarray, tol: float) -> str | None:
     zmin = max(float(np.min(np.abs(z))), eps ** (2.0 / 3.0))
     if not eps * qmax > tol * zmin:
         return None
-    engine = op._engine
-    offsets = np.cumsum([0, *engine.numels])
-    name = engine.names[int(np.searchsorted(offsets, i, side="right")) - 1]
+    name = _param_name_at(op._engine, i)
     reachable = 10 * eps * qmax < 0.1 * zmin
     return (
         f"Adam's full variant: J's coupling of theta to exp_avg_sq reaches q = {qmax:.1e} (in "
@@ -586,9 +590,7 @@ def _adam_tiny_v_note(op) -> str | None:
     med = float(torch.median(sample.double()))
     if not dmax > 1e3 * med:
         return None
-    engine = op._engine
-    offsets = np.cumsum([0, *engine.numels])
-    name = engine.names[int(np.searchsorted(offsets, i, side="right")) - 1]
+    name = _param_name_at(op._engine, i)
     return (
         f"Adam's preconditioner reaches D = {dmax:.1e} in {name} ({dmax / med:.0e} times its "
         "median): exp_avg_sq is about 0 there (a gradient that is zero up to rounding, e.g. a "

@@ -173,6 +173,19 @@ _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type",
                    "scale_grad_by_freq", "sparse")
 
 
+def _padded_embedding_call(func, args, kwargs) -> tuple[dict[str, Any], int] | None:
+    """``(the call's arguments by name, its padding row)`` for an ``F.embedding`` call with a
+    ``padding_idx`` (normalized: -1 is the last row), else None."""
+    if func is not torch.nn.functional.embedding:
+        return None
+    call = dict(zip(_EMBEDDING_ARGS, args, strict=False))
+    call.update(kwargs)
+    idx = call.get("padding_idx")
+    if idx is None:
+        return None
+    return call, int(idx) % call["weight"].shape[0]
+
+
 class _SplitLookups(TorchFunctionMode):
     """Route the lookups of padding rows through variables of their own.
 
@@ -192,12 +205,11 @@ class _SplitLookups(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.embedding:
-            call = dict(zip(_EMBEDDING_ARGS, args, strict=False))
-            call.update(kwargs)
-            weight, idx = call.get("weight"), call.get("padding_idx")
+        padded = _padded_embedding_call(func, args, kwargs)
+        if padded is not None:
+            call, prow = padded
             for j, (w, row, a) in enumerate(self.subs):
-                if weight is w and idx is not None and int(idx) % w.shape[0] == row:
+                if call["weight"] is w and prow == row:
                     self.hits[j] += 1
                     call["padding_idx"] = None
                     out = func(**call)
@@ -219,12 +231,9 @@ class _DirectPadding(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.embedding:
-            call = dict(zip(_EMBEDDING_ARGS, args, strict=False))
-            call.update(kwargs)
-            w, idx = call.get("weight"), call.get("padding_idx")
-            if idx is not None and id(w) in self.index:
-                self.rows.add((self.index[id(w)], int(idx) % w.shape[0]))
+        padded = _padded_embedding_call(func, args, kwargs)
+        if padded is not None and id(padded[0]["weight"]) in self.index:
+            self.rows.add((self.index[id(padded[0]["weight"])], padded[1]))
         return func(*args, **kwargs)
 
 

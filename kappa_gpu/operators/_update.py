@@ -91,6 +91,11 @@ logger = logging.getLogger("kappa_gpu")
 _CLIP_NORM_EPS = 1e-6
 
 
+def _scale_rows(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``diag(d) x`` for ``x`` of shape ``(n,)`` or ``(n, s)``: a new tensor."""
+    return x * (d[:, None] if x.ndim == 2 else d)
+
+
 class GradientClip:
     """Gradient clipping before the step, linearized at the current gradient ``g``.
 
@@ -176,7 +181,7 @@ class GradientClip:
         if not self.active:
             return x.clone()
         if self._mask is not None:
-            return x * (self._mask[:, None] if x.ndim == 2 else self._mask)
+            return _scale_rows(x, self._mask)
         if self._uhat is None:  # g = 0: C = s I
             return x * self.scale
         u = self._uhat
@@ -196,7 +201,7 @@ class GradientClip:
         if self._mask is not None:
             if inverse:
                 return x.clone()
-            return x * (self._mask[:, None] if x.ndim == 2 else self._mask)
+            return _scale_rows(x, self._mask)
         root = math.sqrt(self.scale)
         if self._uhat is None:  # g = 0: C = s I
             return x / root if inverse else x * root
@@ -253,7 +258,7 @@ class _GradientMap:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``K x`` (= ``K^T x``), a new tensor; ``x`` of shape ``(n,)`` or ``(n, s)``."""
         if self.mask is not None:
-            y = x * (self.mask[:, None] if x.ndim == 2 else self.mask)  # a new tensor
+            y = _scale_rows(x, self.mask)  # a new tensor
             return self.clip.jacobian(y) if self.clip is not None else y
         return self.clip.jacobian(x) if self.clip is not None else x.clone()
 
@@ -261,7 +266,7 @@ class _GradientMap:
         """``K^1/2 x``; ``inverse``: ``C^-1/2 x`` (``M`` has no inverse: left as it is)."""
         y = self.clip.sqrt_jacobian(x, inverse) if self.clip is not None else x.clone()
         if self.mask is not None and not inverse:
-            y = y * (self.mask[:, None] if y.ndim == 2 else self.mask)
+            y = _scale_rows(y, self.mask)
         return y
 
 
