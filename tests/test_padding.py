@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _cases import fd_jacobian, one_thread, rel_err, take_steps
+from _cases import dense_hessian, fd_jacobian, one_thread, rel_err, take_steps
 
 import kappa_gpu as kg
 from kappa_gpu import hessian_operator, update_operator
@@ -170,21 +170,10 @@ def test_hessian_operator_with_padding_is_the_losss_own_hessian():
     function), symmetric; torch's reverse over reverse through padding_idx returned another,
     also symmetric, matrix (zero where the padding row meets the other weights)."""
     model, _, loss_fn, (ids, tgt) = _case("sgd")
-    params = list(model.parameters())
     H = hessian_operator(model, loss_fn, (ids, tgt)).to_dense()
     ref_model = copy.deepcopy(model)
     ref_model.emb.padding_idx = None
-    names = [n for n, _ in ref_model.named_parameters()]
-    flat0 = torch.cat([p.detach().reshape(-1) for p in params])
-
-    def f(flat):
-        out, o = {}, 0
-        for n, p in zip(names, params, strict=True):
-            out[n] = flat[o:o + p.numel()].reshape(p.shape)
-            o += p.numel()
-        return loss_fn(torch.func.functional_call(ref_model, out, (ids,)), tgt)
-
-    H_ref = torch.autograd.functional.hessian(f, flat0)
+    H_ref = dense_hessian(ref_model, loss_fn, (ids, tgt), list(ref_model.parameters()))
     assert rel_err(H, H_ref) <= 1e-10 and rel_err(H, H.T) <= 1e-12
     assert model.emb.padding_idx == 0
 
@@ -497,19 +486,7 @@ def test_a_direct_f_embedding_call_with_padding_idx_is_split_exactly(kind):
     H = hessian_operator(model, ce, (ids, tgt)).to_dense()
     ref = copy.deepcopy(model)
     ref.pad = None
-    names = [n for n, _ in ref.named_parameters()]
-    params = list(model.parameters())
-
-    def f(flat):
-        out, o = {}, 0
-        for n, p in zip(names, params, strict=True):
-            out[n] = flat[o:o + p.numel()].reshape(p.shape)
-            o += p.numel()
-        return ce(torch.func.functional_call(ref, out, (ids,)), tgt)
-
-    H_ref = torch.autograd.functional.hessian(f, torch.cat([p.detach().reshape(-1)
-                                                            for p in params]))
-    assert rel_err(H, H_ref) <= 1e-10
+    assert rel_err(H, dense_hessian(ref, ce, (ids, tgt), list(ref.parameters()))) <= 1e-10
     with pytest.warns(UserWarning, match="outside an nn.Embedding module"):
         update_operator(*case, hvp="forward")
 
